@@ -1,0 +1,313 @@
+"""The ``fusemirror`` command line (click): parse, call one function, print. Nothing else.
+
+Every failure the user can cause or meet is a :class:`~fusemirror.errors.FusemirrorError`,
+printed as one line on stderr with its exit code; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, TypeVar
+
+import click
+
+from . import __version__, control, mountutil, states
+from .errors import (BusyError, EXIT_FAILURE, FusemirrorError, StateError, UsageError)
+from .mirrordb import MirrorDB
+from .sizes import format_size, parse_size
+from .status import format_text, offline_status
+from .unit import UnitLock, UnitPaths, create_unit, lock_holder, require_unit
+
+T = TypeVar("T")
+
+EPILOG = """\b
+Exit codes:
+  0  success
+  1  the operation failed (I/O error, bad on-disk data, peer refused)
+  2  usage error (bad option, size, key or value)
+  3  refused in the current state (the message names the state and the remedy)
+  4  the unit is busy (another process holds it, or the image is open)
+  5  the unit needs recovery: run `fsck.fusemirror DIR`
+fsck.fusemirror uses the fsck(8) codes: 0, 1, 4, 8, 16.
+"""
+
+
+class _Group(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)  # in the order they are defined, most used first
+
+
+@click.group(cls=_Group, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"],
+                                                           "max_content_width": 100})
+@click.version_option(__version__, prog_name="fusemirror")
+def cli() -> None:
+    """Remote mirroring of a block image in user space.
+
+    A mirror is a master image, served as MOUNTPOINT/image by `fusemirror mount`, and slave
+    images in remote directories. Every write names the extents it touches in a write-intent
+    journal (O_DSYNC) before any image changes, so after a crash `fsck.fusemirror DIR` copies
+    only the logged extents instead of the whole image.
+
+    DIR is a unit directory: DIR/image (a plain file: cmp, xxh64sum and losetup work on it when
+    nothing is mounted), DIR/journal, DIR/mirror.json (the mirror database), DIR/daemon.log.
+
+    \b
+    Typical use:
+      fusemirror create /srv/m0 --size 10G
+      fusemirror activate /srv/m0
+      fusemirror mount /srv/m0 /mnt/m0
+      losetup -f --show /mnt/m0/image; mkfs.ext4 ...; mount ...
+      fusemirror status /srv/m0
+      fusemirror umount /mnt/m0
+    """
+
+
+def _out(data: Any, as_json: bool, text: str | Callable[[], str]) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        click.echo(text() if callable(text) else text, nl=False)
+
+
+def _daemon_or_offline(paths: UnitPaths, cmd: str, offline: Callable[[], T],
+                       wait: float = 10.0, **args: Any) -> Any:
+    """Ask the running daemon; if none runs, do ``offline()`` under the unit lock."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return control.request(paths.control, cmd, **args)
+        except control.NotRunning:
+            pass
+        try:
+            with UnitLock(paths, cmd):
+                return offline()
+        except BusyError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+# ---- create ---------------------------------------------------------------------------------
+@cli.command()
+@click.argument("dir", type=click.Path())
+@click.option("--size", required=True, metavar="SIZE",
+              help="Image size, e.g. 512M, 10G, 1T (powers of 1024); a multiple of the block.")
+@click.option("--name", metavar="NAME", help="Mirror name (default: the directory's name).")
+@click.option("--block-size", default="4K", show_default=True, metavar="SIZE",
+              help="Unit of replication I/O: a power of two >= 512.")
+@click.option("--extent-size", default="1M", show_default=True, metavar="SIZE",
+              help="Unit of intent and resync tracking: a power-of-two multiple of the block.")
+@click.option("--write-policy", type=click.Choice(["sync", "async"]), default="sync",
+              show_default=True,
+              help="sync: a write is answered after every reachable slave acknowledged it; "
+                   "async: after the journal and the master.")
+@click.option("--activity-log-extents", type=int, metavar="N",
+              help="Extents that may be logged at once (default 1024): bounds the work after "
+                   "a crash to N x extent size.")
+@click.option("--json", "as_json", is_flag=True, help="Print the new mirror as JSON.")
+def create(dir: str, size: str, name: str | None, block_size: str, extent_size: str,
+           write_policy: str, activity_log_extents: int | None, as_json: bool) -> None:
+    """Create a mirror whose master image lives in DIR.
+
+    DIR must not exist or be an empty directory. The image DIR/image is sparse (it takes no
+    space until written); the journal is preallocated. The mirror starts INACTIVE: run
+    `fusemirror activate DIR` before host I/O. On any error nothing is left behind.
+    """
+    db = create_unit(dir, size=parse_size(size), block_size=parse_size(block_size, "block size"),
+                     extent_size=parse_size(extent_size, "extent size"),
+                     write_policy=write_policy, name=name,
+                     activity_log_extents=activity_log_extents)
+    info = {"name": db.name, "unit": os.path.abspath(dir), "size": db.size,
+            "block_size": db.block_size, "extent_size": db.extent_size,
+            "write_policy": db.mirror["write_policy"], "state": db.state}
+    _out(info, as_json, f"created mirror {db.name!r} in {info['unit']}: "
+         f"{format_size(db.size)}, extent {format_size(db.extent_size)}, "
+         f"block {format_size(db.block_size)}, policy {info['write_policy']}, state INACTIVE\n")
+
+
+# ---- activate / deactivate ------------------------------------------------------------------
+@cli.command()
+@click.argument("dir", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the resulting state as JSON.")
+def activate(dir: str, as_json: bool) -> None:
+    """Allow host I/O: the mirror goes INACTIVE -> ACTIVE.
+
+    If a condition for normal operation fails (too many missing slaves, a failed journal or
+    master flush) the mirror goes to ATTENTION instead and host I/O stays denied.
+    """
+    paths = require_unit(dir)
+
+    def offline() -> dict[str, str]:
+        db = MirrorDB.load(paths.dir)
+        _require_master(db, paths, "activate")
+        new = states.mirror_next(db.state, "activate_ok")
+        db.mirror["state"] = new
+        db.save(paths.dir)
+        return {"state": new}
+
+    res = _daemon_or_offline(paths, "activate", offline)
+    _out(res, as_json, f"mirror is {res['state']}\n")
+    if res["state"] != states.ACTIVE:
+        sys.exit(3)
+
+
+@cli.command()
+@click.argument("dir", type=click.Path())
+@click.option("--force", is_flag=True,
+              help="Do not wait for outstanding writes to complete and become durable.")
+@click.option("--json", "as_json", is_flag=True, help="Print the resulting state as JSON.")
+def deactivate(dir: str, force: bool, as_json: bool) -> None:
+    """Deny host I/O: the mirror goes to INACTIVE (reads and writes of the image get EIO).
+
+    Graceful by default: outstanding writes complete and the master is flushed first.
+    """
+    paths = require_unit(dir)
+
+    def offline() -> dict[str, str]:
+        db = MirrorDB.load(paths.dir)
+        _require_master(db, paths, "deactivate")
+        db.mirror["state"] = states.mirror_next(db.state, "deactivate")
+        db.save(paths.dir)
+        return {"state": db.state}
+
+    res = _daemon_or_offline(paths, "deactivate", offline, force=force)
+    _out(res, as_json, f"mirror is {res['state']}\n")
+
+
+def _require_master(db: MirrorDB, paths: UnitPaths, what: str) -> None:
+    if db.self_image["role"] != "master":
+        raise StateError(f"{paths.dir} holds a slave image; run `fusemirror {what}` on the "
+                         "master's unit directory")
+
+
+# ---- mount / umount -------------------------------------------------------------------------
+@cli.command()
+@click.argument("dir", type=click.Path())
+@click.argument("mountpoint", type=click.Path())
+@click.option("-f", "--foreground", is_flag=True,
+              help="Stay in the foreground and log to stderr too (for systemd Type=simple).")
+@click.option("--allow-other", is_flag=True,
+              help="Let other users (and root) open the image; needed for losetup by a non-root "
+                   "owner. Requires user_allow_other in /etc/fuse.conf.")
+@click.option("--cache", type=click.Choice(["direct", "page", "writeback"]), default="direct",
+              show_default=True,
+              help="How the kernel caches the image; see docs/ARCHITECTURE.md for the figures. "
+                   "writeback reports write errors only at fsync.")
+@click.option("--debug", is_flag=True, help="Log every request (slow).")
+@click.option("--no-journal", is_flag=True, hidden=True,
+              help="Benchmarks only: no write-intent journal (a crash then needs a full sync).")
+@click.option("--inline-io-max", type=int, default=0, hidden=True,
+              help="Benchmarks only: requests up to this size do their image I/O on the loop.")
+def mount(dir: str, mountpoint: str, foreground: bool, allow_other: bool, cache: str,
+          debug: bool, no_journal: bool, inline_io_max: int) -> None:
+    """Serve the master image of DIR as MOUNTPOINT/image.
+
+    Returns once the mount is usable (or fails with the reason). MOUNTPOINT/image has the
+    mirror's fixed size: truncate, create, unlink and rename give EPERM, a write past the end
+    ENOSPC. MOUNTPOINT/status is a read-only text file with `fusemirror status`. Host I/O is
+    served only while the mirror is ACTIVE (otherwise EIO).
+
+    A unit that was not stopped cleanly is refused until `fsck.fusemirror DIR` has run. A
+    unit is served by one daemon at a time. The daemon logs to DIR/daemon.log; SIGTERM
+    makes everything durable and unmounts (after the image is closed, if it is open).
+    """
+    from .daemon import MountOptions, mount as do_mount
+
+    do_mount(dir, mountpoint, MountOptions(foreground=foreground, allow_other=allow_other,
+                                           cache=cache, journal=not no_journal, debug=debug,
+                                           inline_io_max=inline_io_max))
+
+
+@cli.command()
+@click.argument("mountpoint", type=click.Path())
+@click.option("--force", is_flag=True,
+              help="Unmount even if the daemon does not answer or reports the image open "
+                   "(the kernel still refuses a busy mount; nothing is detached lazily).")
+@click.option("--timeout", default=120.0, show_default=True, metavar="SECONDS",
+              help="How long to wait for the daemon to finish after the unmount.")
+def umount(mountpoint: str, force: bool, timeout: float) -> None:
+    """Unmount a fusemirror mount cleanly and wait for its daemon to finish.
+
+    Refuses while the image is open (a loop device or a mounted filesystem holds it). The
+    daemon flushes the master and retires every intent, so the unit needs no fsck afterwards.
+    """
+    mnt = os.path.abspath(mountpoint)
+    m = mountutil.find_mount(mnt)
+    if m is None:
+        raise UsageError(f"{mountpoint} is not mounted")
+    if not mountutil.is_fusemirror(m):
+        raise UsageError(f"{mountpoint} is a {m.fstype} mount, not fusemirror")
+    paths: UnitPaths | None = None
+    try:
+        unit = os.getxattr(mnt, "user.fusemirror.unit").decode()
+        paths = UnitPaths(unit)
+        control.request(paths.control, "umount_check", timeout=30, force=force)
+    except (OSError, control.NotRunning) as e:
+        if not force:
+            raise FusemirrorError(f"the daemon serving {mountpoint} does not answer ({e}); "
+                                  "`fusemirror umount --force` unmounts it anyway") from None
+    mountutil.unmount(mnt)
+    if paths is None:
+        return
+    deadline = time.monotonic() + timeout
+    while lock_holder(paths) is not None:
+        if time.monotonic() > deadline:
+            raise FusemirrorError(f"unmounted, but the daemon for {paths.dir} is still running "
+                                  f"after {timeout:.0f}s; see {paths.dir}/daemon.log")
+        time.sleep(0.05)
+
+
+# ---- status ---------------------------------------------------------------------------------
+@cli.command()
+@click.argument("dir", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (keys: name, state, "
+              "write_policy, journal{active_extents, extents}, needs_recovery, images[...]).")
+def status(dir: str, as_json: bool) -> None:
+    """Show the mirror's state, its images and the journal.
+
+    Works whether or not the mirror is mounted. After an unclean stop it shows
+    needs_recovery and the logged extents.
+    """
+    paths = require_unit(dir)
+    try:
+        st = control.request(paths.control, "status", timeout=30)
+    except control.NotRunning:
+        st = offline_status(paths, MirrorDB.load(paths.dir))
+    _out(st, as_json, lambda: format_text(st))
+
+
+@cli.command(name="fsck", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def fsck_cmd(args: tuple[str, ...]) -> None:
+    """Same as fsck.fusemirror (see `fsck.fusemirror --help`)."""
+    from .fsck import main as fsck_main
+
+    sys.exit(fsck_main(list(args)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI, turning FusemirrorError into one line and its exit code."""
+    try:
+        cli.main(args=argv, prog_name="fusemirror", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(EXIT_FAILURE)
+    except FusemirrorError as e:
+        click.echo(f"fusemirror: {e.msg}", err=True)
+        sys.exit(e.exitcode)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

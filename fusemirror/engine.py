@@ -1,0 +1,467 @@
+"""The master's write path (patent FIG. 6 and FIG. 7): journal, master image, clean-up.
+
+This module owns the order of operations for every host request and the bookkeeping that
+decides when an extent's intent may be retired. It holds no FUSE code (``fs.py`` maps requests
+here) and no socket code. Everything runs on one trio loop; blocking syscalls go to worker
+threads.
+
+Invariants (SPEC §3 item 8), and where they are kept:
+
+* An extent is named durably in the journal before any image changes (``_log_intents``): new
+  intents of concurrent writes share one journal write (:class:`~.journal.JournalWriter`); an
+  extent already active costs nothing.
+* Overlapping writes are applied in arrival order (``_lock_range``).
+* An extent is retired only when no write to it is in flight, a master ``fdatasync`` that
+  started after its last write completed has succeeded, and the journal's retire record is
+  durable (``_retire``). Retirement is lazy and batched: idle extents in the periodic clean-up,
+  least recently written ones when the activity log is full.
+* A write to an extent being retired waits for the retire record, then logs the extent again.
+* An I/O error is never turned into success: the request fails with the kernel's errno, the
+  extent stays logged ("pinned") until ``fsck.fusemirror`` runs, and a failed ``fdatasync`` or
+  journal write sends the mirror to ATTENTION (a later flush that succeeds proves nothing).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from collections import OrderedDict
+from typing import Any, Awaitable, Callable, TypeVar
+
+import trio
+
+from . import faults, states
+from .image import Image
+from .journal import Journal, JournalWriter
+from .mirrordb import MirrorDB
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+CLEANUP_INTERVAL = 5.0   # seconds between lazy clean-ups
+IDLE_RETIRE = 10.0       # an extent idle this long is retired by the clean-up
+
+
+class ExtentState:
+    """What the engine knows about one active extent."""
+
+    __slots__ = ("inflight", "last_done", "logged", "error", "retiring", "retired", "pinned",
+                 "touched")
+
+    def __init__(self, durable: bool) -> None:
+        self.inflight = 0                 # writes to this extent between logging and completion
+        self.last_done = 0                # completion counter of the last write that finished
+        self.logged = trio.Event()        # set once the intent is durable in the journal
+        self.error: OSError | None = None # the journal write for this intent failed
+        self.retiring = False
+        self.retired: trio.Event | None = None
+        self.pinned = False               # an I/O error hit it: keep logged until fsck
+        self.touched = 0.0
+        if durable:
+            self.logged.set()
+
+
+class _Range:
+    __slots__ = ("start", "end", "done")
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start = start
+        self.end = end
+        self.done = trio.Event()
+
+
+class Engine:
+    """The master side of one mirror: serves host reads and writes through the journal."""
+
+    def __init__(self, unit_dir: str, db: MirrorDB, journal: Journal | None, image: Image,
+                 *, mountpoint: str | None = None, inline_io_max: int = 0) -> None:
+        self.unit_dir = unit_dir
+        self.db = db
+        self.journal = journal
+        self.image = image
+        self.mountpoint = mountpoint
+        self.size = db.size
+        self.extent_size = db.extent_size
+        self.inline_io_max = inline_io_max
+        self.writer = JournalWriter(journal) if journal is not None else None
+        self.extents: OrderedDict[int, ExtentState] = OrderedDict()
+        if journal is not None:
+            for e in sorted(journal.active):
+                self.extents[e] = ExtentState(durable=True)
+        self._ranges: list[_Range] = []
+        self._done_counter = 0
+        self._flushed = 0
+        self._flush_failed: OSError | None = None
+        self._evict_lock = trio.Lock()
+        self._inflight = 0
+        self._drained = trio.Event()
+        self._drained.set()
+        self.attention_reason: str | None = None
+        self.open_handles = 0
+        self.started = time.time()
+        self.stats = {"writes": 0, "bytes_written": 0, "reads": 0, "bytes_read": 0,
+                      "flushes": 0, "intent_hits": 0, "intent_misses": 0, "retired": 0,
+                      "write_errors": 0}
+
+    # ---- life cycle ------------------------------------------------------------------------
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Background tasks: the journal writer and the lazy clean-up. Cancel to stop."""
+        async with trio.open_nursery() as nursery:
+            if self.writer is not None:
+                nursery.start_soon(self.writer.run)
+                nursery.start_soon(self._cleanup_loop)
+            task_status.started()
+
+    async def close(self) -> None:
+        """Clean stop: wait for in-flight requests, flush the master, retire every intent.
+
+        Extents pinned by an I/O error stay logged, so the next mount asks for fsck.
+        """
+        await self._drained.wait()
+        if self.journal is None:
+            return
+        eligible = [e for e, st in self.extents.items() if self._retirable(st)]
+        if eligible:
+            try:
+                await self._retire(eligible)
+            except OSError as e:
+                log.error("clean stop could not retire %d intents: %s (fsck.fusemirror will)",
+                          len(eligible), e)
+        left = len(self.extents)
+        if left:
+            log.warning("stopping with %d extents still logged (I/O errors): run "
+                        "`fsck.fusemirror %s` before the next mount", left, self.unit_dir)
+        else:
+            log.info("clean stop: no intent left in the journal")
+
+    # ---- host I/O --------------------------------------------------------------------------
+    def _check_io(self) -> None:
+        state = self.db.state
+        if not states.host_io_allowed(state):
+            raise OSError(errno.EIO, f"mirror is {state}: host I/O is not allowed")
+
+    async def read(self, off: int, size: int) -> bytes:
+        self._check_io()
+        if off >= self.size or size <= 0:
+            return b""
+        size = min(size, self.size - off)
+        data = await self._io(size, self.image.pread, off, size)
+        self.stats["reads"] += 1
+        self.stats["bytes_read"] += len(data)
+        return data
+
+    async def write(self, off: int, data: bytes) -> int:
+        """Serve one host write: intents, then the image; returns the bytes written."""
+        self._check_io()
+        if off >= self.size:
+            raise OSError(errno.ENOSPC, "write past the end of the image")
+        if off + len(data) > self.size:
+            data = data[:self.size - off]
+        if not data:
+            return 0
+        end = off + len(data)
+        self._inflight += 1
+        if self._inflight == 1:
+            self._drained = trio.Event()
+        rng = await self._lock_range(off, end)
+        exts = range(off // self.extent_size, (end - 1) // self.extent_size + 1)
+        try:
+            await self._log_intents(exts)
+            ok = False
+            try:
+                faults.crash_point("after-journal")
+                await self._io(len(data), self.image.pwrite, off, data)
+                ok = True
+            except OSError as e:
+                self.stats["write_errors"] += 1
+                log.error("master write of %d bytes at %d failed: %s; extents %s stay logged",
+                          len(data), off, e, _fmt_extents(exts))
+                raise
+            finally:
+                self._done_counter += 1
+                now = trio.current_time()
+                for e in exts:
+                    st = self.extents.get(e)
+                    if st is None:
+                        break  # journal switched off
+                    st.inflight -= 1
+                    st.last_done = self._done_counter
+                    st.touched = now
+                    if not ok:
+                        st.pinned = True
+        finally:
+            self._unlock_range(rng)
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._drained.set()
+        self.stats["writes"] += 1
+        self.stats["bytes_written"] += len(data)
+        return len(data)
+
+    async def fsync(self) -> None:
+        """Make every write completed so far durable on the master (``fdatasync``)."""
+        if self.db.state == states.ATTENTION:
+            raise OSError(errno.EIO, f"mirror is ATTENTION: {self.attention_reason}")
+        await self._flush_master()
+
+    # ---- intents ---------------------------------------------------------------------------
+    async def _log_intents(self, exts: range) -> None:
+        """Make every extent in ``exts`` active in the journal and count this write in flight."""
+        if self.writer is None:
+            return  # journal switched off (benchmarks only): nothing is tracked
+        limit = self.db.mirror["activity_log_extents"]
+        while True:
+            retiring = next((st for e in exts
+                             if (st := self.extents.get(e)) is not None and st.retiring), None)
+            if retiring is not None:
+                assert retiring.retired is not None
+                await retiring.retired.wait()
+                continue
+            missing = sum(1 for e in exts if e not in self.extents)
+            if missing and len(self.extents) + missing > limit:
+                if await self._make_room(missing, limit):
+                    continue
+            break
+        # No await from here until every state is counted in flight: clean-up cannot pick them.
+        new: list[int] = []
+        for e in exts:
+            st = self.extents.get(e)
+            if st is None:
+                st = self.extents[e] = ExtentState(durable=False)
+                new.append(e)
+            else:
+                self.extents.move_to_end(e)
+            st.inflight += 1
+        if new:
+            self.stats["intent_misses"] += 1
+            try:
+                await self.writer.commit(adds=new)
+            except OSError as err:
+                for e in new:
+                    self.extents[e].error = err
+                    self.extents[e].logged.set()
+                await self._journal_failed(err)
+            else:
+                for e in new:
+                    self.extents[e].logged.set()
+        else:
+            self.stats["intent_hits"] += 1
+        failed: OSError | None = None
+        for e in exts:
+            st = self.extents[e]
+            if not st.logged.is_set():
+                await st.logged.wait()
+            if st.error is not None:
+                failed = st.error
+        if failed is not None:
+            for e in exts:
+                st = self.extents[e]
+                st.inflight -= 1
+                if st.error is not None and st.inflight == 0:
+                    del self.extents[e]
+            raise OSError(failed.errno, f"journal write failed: {failed.strerror}")
+
+    async def _make_room(self, missing: int, limit: int) -> bool:
+        """Retire least recently written idle extents so ``missing`` new ones fit the bound.
+
+        Returns False when nothing could be retired (everything is busy): the caller then goes
+        over the bound for this request rather than wait for itself.
+        """
+        async with self._evict_lock:
+            over = len(self.extents) + missing - limit
+            if over <= 0:
+                return True
+            want = max(over, limit // 16)
+            batch = []
+            for e, st in self.extents.items():
+                if self._retirable(st):
+                    batch.append(e)
+                    if len(batch) >= want:
+                        break
+            if not batch:
+                return False
+            try:
+                await self._retire(batch)
+            except OSError as err:
+                log.error("could not retire extents to make room: %s", err)
+                return False
+            return True
+
+    def _retirable(self, st: ExtentState) -> bool:
+        return (st.inflight == 0 and st.logged.is_set() and st.error is None
+                and not st.retiring and not st.pinned)
+
+    async def _retire(self, batch: list[int]) -> None:
+        """Lazy deletion (FIG. 7): flush what the batch needs, then one retire record."""
+        done = trio.Event()
+        for e in batch:
+            st = self.extents[e]
+            st.retiring = True
+            st.retired = done
+        try:
+            if any(self.extents[e].last_done > self._flushed for e in batch):
+                await self._flush_master()
+            faults.crash_point("cleanup-before-retire")
+            assert self.writer is not None
+            try:
+                await self.writer.commit(rets=batch)
+            except OSError as err:
+                await self._journal_failed(err)
+                raise
+            for e in batch:
+                del self.extents[e]
+            self.stats["retired"] += len(batch)
+            log.debug("retired %d extents", len(batch))
+        except BaseException:
+            for e in batch:
+                st = self.extents.get(e)
+                if st is not None:
+                    st.retiring = False
+                    st.retired = None
+            raise
+        finally:
+            done.set()
+
+    async def _cleanup_loop(self) -> None:
+        while True:
+            await trio.sleep(CLEANUP_INTERVAL)
+            await self.cleanup(IDLE_RETIRE)
+
+    async def cleanup(self, idle: float = 0.0) -> int:
+        """Retire every extent idle for ``idle`` seconds or more; returns how many."""
+        now = trio.current_time()
+        batch = [e for e, st in self.extents.items()
+                 if self._retirable(st) and now - st.touched >= idle]
+        if not batch or self.journal is None or self.journal.broken is not None:
+            return 0
+        try:
+            await self._retire(batch)
+        except OSError as err:
+            log.error("clean-up failed: %s", err)
+            return 0
+        return len(batch)
+
+    # ---- flushing --------------------------------------------------------------------------
+    async def _flush_master(self) -> None:
+        if self._flush_failed is not None:
+            raise OSError(errno.EIO, "an earlier fdatasync of the master image failed; "
+                          "nothing written since is known to be durable")
+        mark = self._done_counter
+        try:
+            await trio.to_thread.run_sync(self.image.fdatasync)
+        except OSError as err:
+            self._flush_failed = err
+            for st in self.extents.values():
+                if st.last_done > self._flushed or st.inflight:
+                    st.pinned = True
+            log.error("fdatasync of the master image failed: %s", err)
+            await self.condition_failed(f"fdatasync of the master image failed: {err.strerror}")
+            raise OSError(err.errno, err.strerror) from None
+        self.stats["flushes"] += 1
+        if mark > self._flushed:
+            self._flushed = mark
+
+    # ---- state -----------------------------------------------------------------------------
+    async def _journal_failed(self, err: OSError) -> None:
+        await self.condition_failed(f"journal write failed: {err.strerror}")
+
+    async def condition_failed(self, reason: str) -> None:
+        """A condition for normal operation failed: ACTIVE goes to ATTENTION (FIG. 4)."""
+        if self.attention_reason is None:
+            self.attention_reason = reason
+        if self.db.state == states.ACTIVE:
+            await self._set_state(states.mirror_next(states.ACTIVE, "condition_fail"))
+            log.error("mirror %s is now ATTENTION: %s", self.db.name, reason)
+
+    def conditions_hold(self) -> str | None:
+        """None if the mirror may operate normally, else the reason it may not."""
+        if self.journal is not None and self.journal.broken is not None:
+            return f"the journal failed ({self.journal.broken.strerror}); run fsck.fusemirror"
+        if self._flush_failed is not None:
+            return "an fdatasync of the master image failed; run fsck.fusemirror"
+        return None
+
+    async def activate(self) -> str:
+        reason = self.conditions_hold()
+        state = self.db.state
+        if state == states.ATTENTION:
+            states.mirror_next(state, "activate_ok")  # raises with the remedy
+        new = states.mirror_next(state, "activate_fail" if reason else "activate_ok")
+        await self._set_state(new)
+        if reason:
+            self.attention_reason = reason
+        return new
+
+    async def deactivate(self, force: bool = False) -> str:
+        """INACTIVE; graceful waits for outstanding writes and makes them durable first."""
+        await self._set_state(states.mirror_next(self.db.state, "deactivate"))
+        if not force:
+            await self._drained.wait()
+            if self._flush_failed is None:
+                await self._flush_master()
+        return self.db.state
+
+    async def _set_state(self, new: str) -> None:
+        if self.db.mirror["state"] == new:
+            return
+        old = self.db.mirror["state"]
+        self.db.mirror["state"] = new
+        log.info("mirror %s: %s -> %s", self.db.name, old, new)
+        await trio.to_thread.run_sync(self.db.save, self.unit_dir)
+
+    # ---- helpers ---------------------------------------------------------------------------
+    async def _io(self, nbytes: int, fn: Callable[..., T], *args: Any) -> T:
+        if nbytes <= self.inline_io_max:
+            return fn(*args)
+        return await trio.to_thread.run_sync(fn, *args)
+
+    async def _lock_range(self, start: int, end: int) -> _Range:
+        while True:
+            busy = next((r for r in self._ranges if r.start < end and start < r.end), None)
+            if busy is None:
+                break
+            await busy.done.wait()
+        rng = _Range(start, end)
+        self._ranges.append(rng)
+        return rng
+
+    def _unlock_range(self, rng: _Range) -> None:
+        self._ranges.remove(rng)
+        rng.done.set()
+
+    def status(self) -> dict[str, Any]:
+        """The facts `fusemirror status` prints, as of now."""
+        pinned = sorted(e for e, st in self.extents.items() if st.pinned)
+        jbroken = self.journal is not None and self.journal.broken is not None
+        j: dict[str, Any] = {
+            "active_extents": len(self.extents),
+            "extents": sorted(self.extents),
+            "pinned_extents": pinned,
+            "activity_log_extents": self.db.mirror["activity_log_extents"],
+            "enabled": self.journal is not None,
+        }
+        if self.journal is not None:
+            j.update(seq=self.journal.seq, slots=self.journal.nslots,
+                     records_written=self.journal.writes,
+                     group_commits=self.writer.batches if self.writer else 0,
+                     broken=jbroken)
+        return {
+            "journal": j,
+            "needs_recovery": bool(pinned) or jbroken or self._flush_failed is not None,
+            "attention_reason": self.attention_reason,
+            "running": True,
+            "pid": os.getpid(),
+            "mountpoint": self.mountpoint,
+            "open_handles": self.open_handles,
+            "uptime": round(time.time() - self.started, 1),
+            "stats": dict(self.stats),
+        }
+
+
+def _fmt_extents(exts: range) -> str:
+    if len(exts) == 1:
+        return str(exts.start)
+    return f"{exts.start}-{exts.stop - 1}"

@@ -1,0 +1,69 @@
+"""The one error type for user-facing failures, and the exit codes it carries.
+
+Commands raise :class:`FusemirrorError` with a one-line message; the CLI prints it on stderr
+without a traceback and exits with its code. Exit codes (documented in ``fusemirror --help``):
+
+====  ==========================================================================
+0     success
+1     the operation failed (I/O error, peer refused, bad on-disk data)
+2     usage error (bad option, bad value, unknown key)
+3     refused in the current state (the message names the state and the remedy)
+4     the unit is busy (another process holds its lock, or the image is open)
+5     the unit needs recovery: run ``fsck.fusemirror DIR``
+====  ==========================================================================
+
+``fsck.fusemirror`` uses the fsck(8) codes instead (see :mod:`fusemirror.fsck`).
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_STATE = 3
+EXIT_BUSY = 4
+EXIT_RECOVERY = 5
+
+
+class FusemirrorError(Exception):
+    """A failure to report to the user as one line, with an exit code (S3QL's QuietError)."""
+
+    def __init__(self, msg: str, exitcode: int = EXIT_FAILURE) -> None:
+        super().__init__(msg)
+        self.msg = msg
+        self.exitcode = exitcode
+
+    def __str__(self) -> str:
+        return self.msg
+
+
+class UsageError(FusemirrorError):
+    """Bad input from the user: an option, a size, a key or a value."""
+
+    def __init__(self, msg: str) -> None:
+        super().__init__(msg, EXIT_USAGE)
+
+
+class StateError(FusemirrorError):
+    """An operation refused in the current state; the message says which state and what to do."""
+
+    def __init__(self, msg: str) -> None:
+        super().__init__(msg, EXIT_STATE)
+
+
+class BusyError(FusemirrorError):
+    """The unit is held by another process, or the image is still open."""
+
+    def __init__(self, msg: str) -> None:
+        super().__init__(msg, EXIT_BUSY)
+
+
+class NeedsRecoveryError(FusemirrorError):
+    """The unit was not stopped cleanly and must be recovered before use."""
+
+    def __init__(self, msg: str) -> None:
+        super().__init__(msg, EXIT_RECOVERY)
+
+
+class CorruptError(FusemirrorError):
+    """On-disk metadata (journal, mirror database) failed validation."""

@@ -1,0 +1,178 @@
+"""``fsck.fusemirror DIR``: recover a master unit after an unclean stop (patent FIG. 9).
+
+Reads the write-intent journal, brings every slave up to date for the logged extents (copying
+them without comparing first, claim 11), makes the master durable, and retires the intents. With
+no slave it validates the journal and retires the intents.
+
+Exit codes follow fsck(8)::
+
+    0   nothing to do (the journal was clean)
+    1   errors corrected (intents retired, a damaged journal rebuilt)
+    4   errors left uncorrected (-n, or a damaged journal without -y)
+    8   operational error (unit in use, not a unit, I/O error)
+    16  usage error
+
+Options as fsck(8) passes them: ``-n`` reports only, ``-y`` answers yes to every question
+(rebuilding a damaged journal), ``-a``/``-p`` repair what is safe without asking (the default),
+``-f`` and ``-V`` are accepted, ``-C [FD]`` is ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+from . import journal as journal_mod
+from .errors import BusyError, CorruptError, FusemirrorError
+from .image import Image
+from .mirrordb import MirrorDB
+from .unit import UnitLock, require_unit
+
+log = logging.getLogger(__name__)
+
+FSCK_OK = 0
+FSCK_CORRECTED = 1
+FSCK_UNCORRECTED = 4
+FSCK_ERROR = 8
+FSCK_USAGE = 16
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # fsck(8): usage errors exit 16
+        self.print_usage(sys.stderr)
+        print(f"fsck.fusemirror: {message}", file=sys.stderr)
+        sys.exit(FSCK_USAGE)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="fsck.fusemirror",
+        description="Recover a fusemirror master unit after an unclean stop: copy the extents "
+                    "named in its write-intent journal to every slave and retire the intents.",
+        epilog="Exit codes (fsck(8)): 0 nothing to do, 1 corrected, 4 left uncorrected, "
+               "8 operational error, 16 usage error. Also run as `fusemirror fsck DIR` and "
+               "`fsck -t fusemirror DIR`.")
+    p.add_argument("dir", metavar="DIR", help="the master's unit directory")
+    p.add_argument("-n", dest="no", action="store_true", help="report only; change nothing")
+    p.add_argument("-y", dest="yes", action="store_true",
+                   help="answer yes: also rebuild a damaged journal (with a full sync of every "
+                        "slave)")
+    p.add_argument("-a", "-p", dest="preen", action="store_true",
+                   help="repair what is safe without asking (the default)")
+    p.add_argument("-f", dest="force", action="store_true", help="accepted for fsck(8)")
+    p.add_argument("-V", dest="verbose", action="store_true", help="say more")
+    p.add_argument("-C", dest="progress_fd", nargs="?", const=-1, type=int,
+                   help="accepted for fsck(8)")
+    p.add_argument("--checksum", action="store_true",
+                   help="skip extents whose xxh3 digests already match on a slave")
+    p.add_argument("--json", dest="as_json", action="store_true", help="print a JSON summary")
+    return p
+
+
+def run(unit_dir: str, *, dry_run: bool, yes: bool, checksum: bool = False) -> tuple[int, dict[str, Any]]:
+    """Check and repair one unit; returns (fsck exit code, summary)."""
+    t0 = time.monotonic()
+    paths = require_unit(unit_dir)
+    summary: dict[str, Any] = {"unit": paths.dir, "dry_run": dry_run}
+    with UnitLock(paths, "fsck"):
+        db = MirrorDB.load(paths.dir)
+        if db.self_image["role"] != "master":
+            raise FusemirrorError(f"{paths.dir} holds a slave image; fsck runs on the master")
+        mid = bytes.fromhex(db.mirror["id"])
+        nextents = -(-db.size // db.extent_size)
+        try:
+            scan = journal_mod.scan(paths.journal, mirror_id=mid)
+        except CorruptError as e:
+            summary.update(journal="damaged", error=str(e), slaves=[])
+            if dry_run or not yes:
+                summary["action"] = "none (run with -y to rebuild the journal" + (
+                    " and fully resynchronize every slave)" if db.slaves else ")")
+                return FSCK_UNCORRECTED, summary
+            # No trustworthy record of what may differ: every slave needs a full sync.
+            img = Image(paths.image)
+            try:
+                img.fdatasync()
+            finally:
+                img.close()
+            for s in db.slaves:
+                s["state"] = "UNSYNCHRONIZED"
+            if db.slaves:
+                db.save(paths.dir)
+            journal_mod.reset(paths.journal, mirror_id=mid, extent_size=db.extent_size,
+                              nextents=nextents)
+            summary.update(action="journal rebuilt; every slave marked UNSYNCHRONIZED",
+                           seconds=round(time.monotonic() - t0, 3))
+            return FSCK_CORRECTED, summary
+        summary.update(journal="ok", torn_tail=scan.torn_tail, last_seq=scan.last_seq,
+                       logged_extents=sorted(scan.active), slaves=[])
+        if not scan.active:
+            summary["action"] = "none: the journal names no extent"
+            return FSCK_OK, summary
+        if dry_run:
+            summary["action"] = f"would retire {len(scan.active)} intents"
+            return FSCK_UNCORRECTED, summary
+        img = Image(paths.image)
+        try:
+            img.fdatasync()
+        finally:
+            img.close()
+        j = journal_mod.Journal(paths.journal, scan)
+        try:
+            j.append(rets=sorted(scan.active))
+        finally:
+            j.close()
+        summary.update(action=f"retired {len(scan.active)} intents",
+                       seconds=round(time.monotonic() - t0, 3))
+        return FSCK_CORRECTED, summary
+
+
+def _print(summary: dict[str, Any]) -> None:
+    print(f"fsck.fusemirror {summary['unit']}:")
+    if summary.get("journal") == "damaged":
+        print(f"  journal DAMAGED: {summary['error']}")
+    else:
+        n = len(summary.get("logged_extents", []))
+        torn = " (torn last record ignored)" if summary.get("torn_tail") else ""
+        print(f"  journal ok{torn}: {n} logged extents")
+    print(f"  action: {summary.get('action')}")
+    if "seconds" in summary:
+        print(f"  time: {summary['seconds']:.3f}s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="fsck.fusemirror: %(message)s")
+    if args.no and args.yes:
+        print("fsck.fusemirror: -n and -y exclude each other", file=sys.stderr)
+        return FSCK_USAGE
+    try:
+        code, summary = run(args.dir, dry_run=args.no, yes=args.yes, checksum=args.checksum)
+    except BusyError as e:
+        print(f"fsck.fusemirror: {e.msg}; unmount it first", file=sys.stderr)
+        return FSCK_ERROR
+    except FusemirrorError as e:
+        print(f"fsck.fusemirror: {e.msg}", file=sys.stderr)
+        return FSCK_ERROR
+    except OSError as e:
+        print(f"fsck.fusemirror: {e.filename or args.dir}: {e.strerror}", file=sys.stderr)
+        return FSCK_ERROR
+    summary["exit"] = code
+    if args.as_json:
+        print(json.dumps(summary, indent=2, sort_keys=True))
+    else:
+        _print(summary)
+    return code
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,60 @@
+"""Block I/O on an image file (``DIR/image``), master or slave.
+
+Owns the file descriptor and nothing else: no journal, no replication. Every call is blocking
+and is meant to run in a worker thread (or inline where the caller has measured it is cheap).
+Errors are raised as they come (OSError with the kernel's errno); nothing here retries.
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import faults
+
+FILENAME = "image"
+
+
+class Image:
+    """A fixed-size image file opened for reading and writing."""
+
+    def __init__(self, path: str, *, readonly: bool = False) -> None:
+        self.path = path
+        self.fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+        self.size = os.fstat(self.fd).st_size
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def pwrite(self, off: int, data: bytes | memoryview) -> None:
+        """Write all of ``data`` at ``off``; a short write that makes no progress is ENOSPC."""
+        faults.check("image.write")
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, off)
+            if n <= 0:
+                raise OSError(28, "No space left on device (short write)")
+            view = view[n:]
+            off += n
+
+    def pread(self, off: int, size: int) -> bytes:
+        """Read ``size`` bytes at ``off`` (the image is fixed-size, so reads are whole)."""
+        faults.check("image.read")
+        data = os.pread(self.fd, size, off)
+        if len(data) == size:
+            return data
+        parts = [data]
+        got = len(data)
+        while got < size:
+            chunk = os.pread(self.fd, size - got, off + got)
+            if not chunk:
+                parts.append(bytes(size - got))  # past EOF of a shorter file: zeros
+                break
+            parts.append(chunk)
+            got += len(chunk)
+        return b"".join(parts)
+
+    def fdatasync(self) -> None:
+        faults.check("image.flush")
+        os.fdatasync(self.fd)

@@ -1,0 +1,294 @@
+"""The mirror database: attributes, crash-atomic persistence and generations.
+
+Every unit directory holds a full copy (``DIR/mirror.json``). This module owns its format, the
+validation of every attribute, and the atomic write (temporary file, fsync, rename, fsync of the
+directory), so a crash leaves either the old or the new copy, never a mix. It does no locking
+(the caller holds the unit lock) and knows nothing of FUSE or the network.
+
+On-disk format, version 1 (JSON, UTF-8)::
+
+    {"format": "fusemirror-mirrordb", "version": 1,
+     "mirror": {"id": <hex>, "name": ..., "state": ..., "size": <bytes>,
+                "block_size": ..., "extent_size": ..., <mirror-wide attributes>},
+     "generation": {"counter": <int>, "id": <hex>, "history": [[<counter>, <id>], ...]},
+     "images": [{"id": <hex>, "name": ..., "role": "master"|"slave", "address": ...,
+                 "state": ..., "cookie": ..., <per-image attributes>}, ...],
+     "self": <id of the image this unit holds>}
+
+The generation (the patent's "cookie") is a counter plus a random id, with its history, so two
+members that changed apart are told apart even when their counters agree.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from . import states
+from .errors import CorruptError, UsageError
+from .sizes import parse_size
+
+FORMAT = "fusemirror-mirrordb"
+VERSION = 1
+HISTORY_KEEP = 64
+
+
+def _int(lo: int | None = None) -> Callable[[str | int], int]:
+    def conv(v: str | int) -> int:
+        try:
+            n = int(v)
+        except (TypeError, ValueError):
+            raise ValueError("an integer") from None
+        if lo is not None and n < lo:
+            raise ValueError(f"an integer >= {lo}")
+        return n
+
+    return conv
+
+
+def _seconds(v: str | float) -> float:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        raise ValueError("a number of seconds > 0") from None
+    if not x > 0:
+        raise ValueError("a number of seconds > 0")
+    return x
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def conv(v: str) -> str:
+        if v not in options:
+            raise ValueError("one of " + ", ".join(options))
+        return v
+
+    return conv
+
+
+def _rate(v: str | int) -> int:
+    n = parse_size(v, "rate") if isinstance(v, str) else int(v)
+    if n < 0:
+        raise ValueError("a rate in bytes/s (0 = unlimited)")
+    return n
+
+
+@dataclass(frozen=True)
+class Attr:
+    """One settable attribute: its converter/validator, default, and what it means."""
+
+    conv: Callable[[Any], Any]
+    help: str
+
+
+# Mirror-wide attributes that `fusemirror set` may change. name, state, size, block_size and
+# extent_size are fixed at create (or changed only by their own commands).
+MIRROR_ATTRS: dict[str, Attr] = {
+    "fracture_log_size": Attr(_int(0), "extents a slave's fracture log may hold before the slave "
+                              "needs a full sync (0 = no limit)"),
+    "max_missing_images": Attr(_int(-1), "slaves that may be missing while ACTIVE (-1 disables)"),
+    "min_images_required": Attr(_int(-1), "images needed to activate (-1 disables)"),
+    "heartbeat": Attr(_seconds, "seconds between heartbeats to each slave"),
+    "sync_priority": Attr(_int(0), "priority of this mirror's syncs (higher first)"),
+    "write_policy": Attr(_choice("sync", "async"), "sync: answered after every reachable slave; "
+                         "async: after journal and master"),
+    "write_backlog_size": Attr(_int(1), "blocks queued per slave in async mode"),
+    "activity_log_extents": Attr(_int(16), "extents that may be logged at once (bounds resync)"),
+}
+
+IMAGE_ATTRS: dict[str, Attr] = {
+    "timeout": Attr(_seconds, "seconds without an answer before a slave is UNREACHABLE"),
+    "sync_rate": Attr(_rate, "bytes/s throttle for full sync and catch-up (0 = unlimited)"),
+    "recovery_policy": Attr(_choice("auto", "manual"), "auto: resynchronize when it comes back"),
+}
+
+DEFAULTS = {
+    "fracture_log_size": 0,
+    "max_missing_images": -1,
+    "min_images_required": -1,
+    "heartbeat": 1.0,
+    "sync_priority": 0,
+    "write_policy": "sync",
+    "write_backlog_size": 16384,
+    "activity_log_extents": 1024,
+}
+
+
+def new_generation_id() -> str:
+    return secrets.token_hex(8)
+
+
+def new_id() -> str:
+    return secrets.token_hex(16)
+
+
+class MirrorDB:
+    """One unit's copy of the mirror database, held as a dict and saved atomically."""
+
+    FILENAME = "mirror.json"
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+
+    # ---- construction --------------------------------------------------------------------
+    @classmethod
+    def new(cls, *, name: str, size: int, block_size: int, extent_size: int,
+            write_policy: str, image_name: str) -> "MirrorDB":
+        """A database for a new mirror whose only image is the master held by this unit."""
+        gen_id = new_generation_id()
+        master_id = new_id()
+        mirror = {"id": new_id(), "name": name, "state": states.INACTIVE, "size": size,
+                  "block_size": block_size, "extent_size": extent_size}
+        mirror.update(DEFAULTS)
+        mirror["write_policy"] = MIRROR_ATTRS["write_policy"].conv(write_policy)
+        data = {
+            "format": FORMAT,
+            "version": VERSION,
+            "mirror": mirror,
+            "generation": {"counter": 1, "id": gen_id, "history": [[1, gen_id]]},
+            "images": [{
+                "id": master_id, "name": image_name, "role": "master", "address": None,
+                "state": states.SYNCHRONIZED, "cookie": [1, gen_id], "timeout": 5.0,
+                "sync_rate": 0, "sync_progress": None, "recovery_policy": "manual",
+            }],
+            "self": master_id,
+        }
+        return cls(data)
+
+    @classmethod
+    def load(cls, unit_dir: str) -> "MirrorDB":
+        path = os.path.join(unit_dir, cls.FILENAME)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            raise CorruptError(f"{unit_dir}: mirror database {cls.FILENAME} is missing") from None
+        try:
+            data = json.loads(raw)
+        except ValueError as e:
+            raise CorruptError(f"{path}: not a valid mirror database ({e})") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise CorruptError(f"{path}: not a fusemirror mirror database")
+        if data.get("version") != VERSION:
+            raise CorruptError(f"{path}: mirror database version {data.get('version')} is not "
+                               f"supported (this fusemirror reads version {VERSION})")
+        return cls(data)
+
+    def save(self, unit_dir: str) -> None:
+        """Write crash-atomically: temporary file, fsync, rename, fsync the directory."""
+        atomic_write(os.path.join(unit_dir, self.FILENAME),
+                     json.dumps(self.data, indent=1, sort_keys=True).encode() + b"\n")
+
+    def copy(self) -> "MirrorDB":
+        return MirrorDB(copy.deepcopy(self.data))
+
+    # ---- accessors -----------------------------------------------------------------------
+    @property
+    def mirror(self) -> dict[str, Any]:
+        return self.data["mirror"]
+
+    @property
+    def images(self) -> list[dict[str, Any]]:
+        return self.data["images"]
+
+    @property
+    def self_image(self) -> dict[str, Any]:
+        for img in self.images:
+            if img["id"] == self.data["self"]:
+                return img
+        raise CorruptError("mirror database names no image for this unit")
+
+    @property
+    def master(self) -> dict[str, Any] | None:
+        for img in self.images:
+            if img["role"] == "master":
+                return img
+        return None
+
+    @property
+    def slaves(self) -> list[dict[str, Any]]:
+        return [img for img in self.images if img["role"] == "slave"]
+
+    @property
+    def name(self) -> str:
+        return self.mirror["name"]
+
+    @property
+    def state(self) -> str:
+        return self.mirror["state"]
+
+    @property
+    def size(self) -> int:
+        return self.mirror["size"]
+
+    @property
+    def block_size(self) -> int:
+        return self.mirror["block_size"]
+
+    @property
+    def extent_size(self) -> int:
+        return self.mirror["extent_size"]
+
+    @property
+    def generation(self) -> tuple[int, str]:
+        g = self.data["generation"]
+        return g["counter"], g["id"]
+
+    def bump_generation(self) -> tuple[int, str]:
+        """Start a new generation (every committed change of mirror-wide meaning gets one)."""
+        g = self.data["generation"]
+        g["counter"] += 1
+        g["id"] = new_generation_id()
+        g["history"].append([g["counter"], g["id"]])
+        del g["history"][:-HISTORY_KEEP]
+        return g["counter"], g["id"]
+
+    def find_image(self, name: str) -> dict[str, Any]:
+        """The image called ``name`` (its name, its address, or its id)."""
+        for img in self.images:
+            if name in (img["name"], img.get("address"), img["id"]):
+                return img
+        known = ", ".join(img["name"] for img in self.images)
+        raise UsageError(f"no image {name!r} in mirror {self.name!r} (images: {known})")
+
+    # ---- attributes ----------------------------------------------------------------------
+    def set_mirror_attr(self, key: str, value: Any) -> Any:
+        """Validate and set a mirror-wide attribute; unknown keys and bad values list the valid."""
+        if key not in MIRROR_ATTRS:
+            raise UsageError(f"unknown attribute {key!r}; valid: "
+                             + ", ".join(sorted(MIRROR_ATTRS) + sorted(IMAGE_ATTRS)))
+        try:
+            v = MIRROR_ATTRS[key].conv(value)
+        except ValueError as e:
+            raise UsageError(f"bad value {value!r} for {key}: expected {e}") from None
+        self.mirror[key] = v
+        return v
+
+
+def atomic_write(path: str, payload: bytes) -> None:
+    """Replace ``path`` with ``payload`` so that a crash leaves the old or the new file."""
+    d = os.path.dirname(path) or "."
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(payload)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    fsync_dir(d)
+
+
+def fsync_dir(path: str) -> None:
+    """Make a directory's entries (a create or rename in it) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
