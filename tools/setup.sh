@@ -1,0 +1,29 @@
+#!/bin/sh
+# Install what fusemirror and its tests need, idempotently:
+#   Debian packages: fuse3 (fusermount3), libfuse3-dev + pkg-config (to build pyfuse3), and the
+#   tools the tests drive for real (mkfs.ext4, losetup, fio, ip, rsync).
+#   A virtual environment with the package installed in editable mode, plus its test extras.
+set -eu
+VENV=${1:-.venv}
+PKGS="fuse3 libfuse3-dev pkg-config e2fsprogs mount fio iproute2 rsync procps kmod xxhash"
+missing=""
+for p in $PKGS; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "setup: missing Debian packages:$missing; run as root or: sudo apt-get install$missing" >&2
+        exit 1
+    fi
+    echo "setup: installing$missing"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q $missing >/dev/null 2>&1 || {
+        apt-get update -q >/dev/null
+        apt-get install -y -q $missing >/dev/null
+    }
+fi
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -U pip >/dev/null
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[test]'
+touch "$VENV/.fusemirror-installed"
+echo "setup: ready ($VENV)"
