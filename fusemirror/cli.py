@@ -294,8 +294,12 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, prog_name="fusemirror", standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+    except click.UsageError as e:
+        where = e.ctx.command_path if e.ctx is not None else "fusemirror"
+        click.echo(f"{where}: {e.format_message()} (see `{where} --help`)", err=True)
+        sys.exit(2)
     except click.ClickException as e:
-        e.show()
+        click.echo(f"fusemirror: {e.format_message()}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

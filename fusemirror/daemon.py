@@ -74,13 +74,10 @@ def precheck(paths: UnitPaths, mountpoint: str) -> MirrorDB:
         raise UsageError(f"{mountpoint}: mount point is not a directory")
     if os.path.ismount(mountpoint) or mountutil.find_mount(mountpoint) is not None:
         raise StateError(f"{mountpoint} is already a mount point")
-    db = MirrorDB.load(paths.dir)
-    if db.self_image["role"] != "master":
-        raise StateError(f"{paths.dir} holds a slave image of mirror {db.name!r}; only the "
-                         "master is mounted (promote it first: `fusemirror promote DIR`)")
     holder = lock_holder(paths)
     if holder is not None:
         raise BusyError(f"{paths.dir} is in use by pid {holder}")
+    db, _ = open_master(paths, for_what="mounted")
     return db
 
 
@@ -122,7 +119,7 @@ def mount(unit_dir: str, mountpoint: str, opts: MountOptions) -> None:
             run_daemon(paths, mnt, opts, on_ready=ready)
             rc = 0
         except FusemirrorError as e:
-            log.error("%s", e.msg)
+            log.warning("mount refused: %s", e.msg)
             _say(wfd, e.msg)
             rc = e.exitcode
         except BaseException as e:  # a bug: leave the traceback in the log
@@ -173,7 +170,9 @@ def open_master(paths: UnitPaths, *, for_what: str) -> tuple[MirrorDB, journal_m
     """Load the database and scan the journal, refusing a unit that needs recovery."""
     db = MirrorDB.load(paths.dir)
     if db.self_image["role"] != "master":
-        raise StateError(f"{paths.dir} holds a slave image; only the master can be {for_what}")
+        raise StateError(f"{paths.dir} holds a slave image of mirror {db.name!r}; only the "
+                         f"master can be {for_what} (promote it first: `fusemirror promote "
+                         f"{paths.dir}`)")
     try:
         scan = journal_mod.scan(paths.journal, mirror_id=bytes.fromhex(db.mirror["id"]))
     except CorruptError as e:

@@ -27,7 +27,7 @@ import sys
 import time
 from typing import Any
 
-from . import journal as journal_mod
+from . import journal as journal_mod, states
 from .errors import BusyError, CorruptError, FusemirrorError
 from .image import Image
 from .mirrordb import MirrorDB
@@ -107,6 +107,7 @@ def run(unit_dir: str, *, dry_run: bool, yes: bool, checksum: bool = False) -> t
                               nextents=nextents)
             summary.update(action="journal rebuilt; every slave marked UNSYNCHRONIZED",
                            seconds=round(time.monotonic() - t0, 3))
+            _conditions_hold_again(db, paths.dir, summary)
             return FSCK_CORRECTED, summary
         summary.update(journal="ok", torn_tail=scan.torn_tail, last_seq=scan.last_seq,
                        logged_extents=sorted(scan.active), slaves=[])
@@ -128,7 +129,17 @@ def run(unit_dir: str, *, dry_run: bool, yes: bool, checksum: bool = False) -> t
             j.close()
         summary.update(action=f"retired {len(scan.active)} intents",
                        seconds=round(time.monotonic() - t0, 3))
+        _conditions_hold_again(db, paths.dir, summary)
         return FSCK_CORRECTED, summary
+
+
+def _conditions_hold_again(db: MirrorDB, unit_dir: str, summary: dict[str, Any]) -> None:
+    """A mirror left in ATTENTION by an I/O error goes to INACTIVE once recovered (FIG. 4)."""
+    if db.state == states.ATTENTION:
+        db.mirror["state"] = states.mirror_next(db.state, "conditions_ok")
+        db.save(unit_dir)
+        summary["state"] = db.state
+        summary["action"] += "; mirror ATTENTION -> INACTIVE (run `fusemirror activate`)"
 
 
 def _print(summary: dict[str, Any]) -> None:

@@ -22,7 +22,16 @@ if [ -n "$missing" ]; then
         apt-get install -y -q $missing >/dev/null
     }
 fi
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+# Debian's own python3: the daemon runs as root and as ordinary users (non-root mounts), so the
+# interpreter must be world-readable (a per-user Python under /root is not).
+PY=python3
+[ -x /usr/bin/python3 ] && PY=/usr/bin/python3
+BASE=$(dirname "$(readlink -f "$(command -v $PY)")")
+if [ -f "$VENV/pyvenv.cfg" ] && ! grep -q "^home = $BASE\$" "$VENV/pyvenv.cfg"; then
+    echo "setup: recreating $VENV on $PY"
+    rm -rf "$VENV"
+fi
+[ -x "$VENV/bin/python" ] || $PY -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -U pip >/dev/null
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[test]'
 touch "$VENV/.fusemirror-installed"
