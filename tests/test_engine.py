@@ -1,0 +1,221 @@
+"""The write path's invariants (SPEC §3 item 8), tested on the engine alone, without FUSE."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import trio
+
+from fusemirror import journal, states
+from fusemirror.engine import Engine
+from fusemirror.mirrordb import MirrorDB
+from fusemirror.unit import create_unit
+
+EXT = 64 * 1024
+
+
+class FakeImage:
+    """An in-memory image that records the order of events and can be made to stall."""
+
+    def __init__(self, size: int, jpath: str, mirror_id: bytes) -> None:
+        self.size = size
+        self.data = bytearray(size)
+        self.events: list[tuple] = []
+        self.jpath = jpath
+        self.mirror_id = mirror_id
+        self.stall_flush = threading.Event()
+        self.stall_flush.set()
+        self.stall_write = threading.Event()
+        self.stall_write.set()
+        self.lock = threading.Lock()
+
+    def pwrite(self, off: int, data: bytes) -> None:
+        durable = journal.scan(self.jpath, mirror_id=self.mirror_id).active
+        with self.lock:
+            self.events.append(("write", off, len(data), frozenset(durable)))
+        self.stall_write.wait(10)
+        self.data[off:off + len(data)] = data
+
+    def pread(self, off: int, size: int) -> bytes:
+        return bytes(self.data[off:off + size])
+
+    def fdatasync(self) -> None:
+        self.stall_flush.wait(10)
+        with self.lock:
+            self.events.append(("flush",))
+
+    def close(self) -> None:
+        pass
+
+
+def make(tmp_path: Path, ale: int = 64, size: int = 64 * EXT) -> tuple[Engine, FakeImage, str]:
+    u = tmp_path / "u"
+    create_unit(str(u), size=size, block_size=4096, extent_size=EXT, write_policy="sync",
+                name="t", activity_log_extents=ale)
+    db = MirrorDB.load(str(u))
+    db.mirror["state"] = states.ACTIVE
+    jpath = str(u / "journal")
+    mid = bytes.fromhex(db.mirror["id"])
+    j = journal.Journal.open(jpath, mirror_id=mid)
+    img = FakeImage(size, jpath, mid)
+    return Engine(str(u), db, j, img), img, jpath  # type: ignore[arg-type]
+
+
+async def until(cond, timeout: float = 10.0) -> None:
+    """Poll a condition that a worker thread makes true."""
+    with trio.fail_after(timeout):
+        while not cond():
+            await trio.sleep(0.005)
+
+
+def run(engine: Engine, body) -> None:
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            await n.start(engine.run)
+            await body()
+            n.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_intent_is_durable_before_the_image_changes(tmp_path: Path) -> None:
+    e, img, jpath = make(tmp_path)
+
+    async def body() -> None:
+        await e.write(3 * EXT - 100, b"x" * 300)          # crosses extents 2 and 3
+        await e.write(10 * EXT, b"y" * (3 * EXT))           # extents 10..12
+        await e.write(10 * EXT + 5, b"z")                   # already active: no journal write
+
+    run(e, body)
+    writes = [ev for ev in img.events if ev[0] == "write"]
+    assert {2, 3} <= writes[0][3]
+    assert {10, 11, 12} <= writes[1][3]
+    assert e.journal is not None and e.journal.writes == 2
+    assert e.stats["intent_hits"] == 1 and e.stats["intent_misses"] == 2
+
+
+def test_activity_log_is_bounded_and_evicts_least_recent(tmp_path: Path) -> None:
+    e, img, jpath = make(tmp_path, ale=16, size=200 * EXT)
+    seen = []
+
+    async def body() -> None:
+        for i in range(100):
+            await e.write(i * EXT, b"w")
+            seen.append(len(e.extents))
+            await e.write(0, b"hot")  # extent 0 stays recently used
+
+    run(e, body)
+    assert max(seen) <= 16
+    active = journal.scan(jpath, mirror_id=img.mirror_id).active
+    assert len(active) <= 16 and 0 in active and 99 in active
+    assert e.stats["retired"] >= 84
+    # every eviction was preceded by a flush covering the evicted extents' writes
+    assert ("flush",) in img.events
+
+
+def test_retire_needs_a_flush_after_the_last_write(tmp_path: Path) -> None:
+    e, img, jpath = make(tmp_path)
+
+    async def body() -> None:
+        await e.write(5 * EXT, b"a" * 10)
+        await e.write(6 * EXT, b"b" * 10)
+        n = await e.cleanup(0)
+        assert n == 2
+
+    run(e, body)
+    kinds = [ev[0] for ev in img.events]
+    assert kinds == ["write", "write", "flush"]
+    assert journal.scan(jpath, mirror_id=img.mirror_id).active == set()
+
+
+def test_write_to_a_retiring_extent_waits_and_logs_again(tmp_path: Path) -> None:
+    e, img, jpath = make(tmp_path)
+    order: list[str] = []
+
+    async def body() -> None:
+        await e.write(7 * EXT, b"first")
+        img.stall_flush.clear()                       # the retire's flush will block
+        async with trio.open_nursery() as n:
+            async def retire() -> None:
+                await e.cleanup(0)
+                order.append("retired")
+
+            n.start_soon(retire)
+            await trio.testing.wait_all_tasks_blocked()
+            assert e.extents[7].retiring
+
+            async def write() -> None:
+                await e.write(7 * EXT, b"second")
+                order.append("written")
+
+            n.start_soon(write)
+            await trio.testing.wait_all_tasks_blocked()
+            assert order == [] and len([x for x in img.events if x[0] == "write"]) == 1
+            img.stall_flush.set()
+        assert order == ["retired", "written"]
+        assert 7 in e.extents and e.extents[7].logged.is_set()
+
+    import trio.testing  # noqa: F401
+
+    run(e, body)
+    writes = [ev for ev in img.events if ev[0] == "write"]
+    assert 7 in writes[1][3], "the second write was logged again before it touched the image"
+    assert 7 in journal.scan(jpath, mirror_id=img.mirror_id).active
+    assert bytes(img.data[7 * EXT:7 * EXT + 6]) == b"second"
+
+
+def test_overlapping_writes_apply_in_arrival_order(tmp_path: Path) -> None:
+    e, img, jpath = make(tmp_path)
+
+    async def body() -> None:
+        img.stall_write.clear()
+        async with trio.open_nursery() as n:
+            n.start_soon(e.write, 100, b"A" * 1000)
+            await until(lambda: [ev for ev in img.events if ev[0] == "write"])
+            n.start_soon(e.write, 500, b"B" * 1000)
+            n.start_soon(e.write, 5000, b"C" * 10)   # no overlap: not held back
+            await until(lambda: len([ev for ev in img.events if ev[0] == "write"]) >= 2)
+            await trio.testing.wait_all_tasks_blocked()
+            pending = [ev[1] for ev in img.events if ev[0] == "write"]
+            assert 500 not in pending and 5000 in pending
+            img.stall_write.set()
+
+    import trio.testing  # noqa: F401
+
+    run(e, body)
+    assert bytes(img.data[100:500]) == b"A" * 400
+    assert bytes(img.data[500:1500]) == b"B" * 1000
+    offs = [ev[1] for ev in img.events if ev[0] == "write"]
+    assert offs.index(100) < offs.index(500)
+
+
+def test_clean_close_retires_everything(tmp_path: Path) -> None:
+    e, img, jpath = make(tmp_path)
+
+    async def body() -> None:
+        for i in range(10):
+            await e.write(i * EXT + 7, b"c" * 100)
+        await e.close()
+
+    run(e, body)
+    assert journal.scan(jpath, mirror_id=img.mirror_id).active == set()
+    assert img.events[-1] == ("flush",)
+
+
+def test_host_io_denied_unless_active(tmp_path: Path) -> None:
+    e, img, jpath = make(tmp_path)
+
+    async def body() -> None:
+        for state in (states.INACTIVE, states.ATTENTION):
+            e.db.mirror["state"] = state
+            for op in (e.write(0, b"x"), e.read(0, 10)):
+                try:
+                    await op
+                except OSError as err:
+                    assert err.errno == 5
+                else:
+                    raise AssertionError(f"{state}: host I/O allowed")
+
+    run(e, body)
+    assert [ev for ev in img.events if ev[0] == "write"] == []
