@@ -48,7 +48,7 @@ class MountOptions:
     cache: str = DEFAULT_CACHE
     journal: bool = True
     debug: bool = False
-    inline_io_max: int = 0
+    inline_io_max: int = 131072
 
 
 def setup_logging(path: str | None, *, foreground: bool, debug: bool) -> None:

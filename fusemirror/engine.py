@@ -77,7 +77,7 @@ class Engine:
     """The master side of one mirror: serves host reads and writes through the journal."""
 
     def __init__(self, unit_dir: str, db: MirrorDB, journal: Journal | None, image: Image,
-                 *, mountpoint: str | None = None, inline_io_max: int = 0) -> None:
+                 *, mountpoint: str | None = None, inline_io_max: int = 131072) -> None:
         self.unit_dir = unit_dir
         self.db = db
         self.journal = journal
@@ -443,11 +443,11 @@ class Engine:
             "activity_log_extents": self.db.mirror["activity_log_extents"],
             "enabled": self.journal is not None,
         }
-        if self.journal is not None:
-            j.update(seq=self.journal.seq, slots=self.journal.nslots,
-                     records_written=self.journal.writes,
-                     group_commits=self.writer.batches if self.writer else 0,
-                     broken=jbroken)
+        j.update(seq=self.journal.seq if self.journal else None,
+                 slots=self.journal.nslots if self.journal else None,
+                 records_written=self.journal.writes if self.journal else 0,
+                 group_commits=self.writer.batches if self.writer else 0,
+                 broken=jbroken)
         return {
             "journal": j,
             "needs_recovery": bool(pinned) or jbroken or self._flush_failed is not None,

@@ -59,7 +59,7 @@ def make(tmp_path: Path, ale: int = 64, size: int = 64 * EXT) -> tuple[Engine, F
     mid = bytes.fromhex(db.mirror["id"])
     j = journal.Journal.open(jpath, mirror_id=mid)
     img = FakeImage(size, jpath, mid)
-    return Engine(str(u), db, j, img), img, jpath  # type: ignore[arg-type]
+    return Engine(str(u), db, j, img, inline_io_max=0), img, jpath  # type: ignore[arg-type]
 
 
 async def until(cond, timeout: float = 10.0) -> None:
