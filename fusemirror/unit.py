@@ -174,43 +174,60 @@ def create_unit(path: str, *, size: int, block_size: int, extent_size: int,
         raise FusemirrorError(f"{path}: cannot create here: parent {parent} is not writable")
     name = name or os.path.basename(target)
     validate_name(name)
+    db = MirrorDB.new(name=name, size=size, block_size=block_size, extent_size=extent_size,
+                      write_policy=write_policy, image_name=f"{socket.gethostname()}:{target}")
+    if activity_log_extents is not None:
+        db.set_mirror_attr("activity_log_extents", activity_log_extents)
+    _build_unit(target, db, path)
+    return db
+
+
+def create_slave_unit(path: str, db: MirrorDB) -> None:
+    """Create a slave unit (same layout as a master) from the master's database.
+
+    ``db["self"]`` must name a slave image of that database.
+    """
+    target = os.path.abspath(path)
+    if db.self_image["role"] != "slave":
+        raise UsageError("a slave unit must be created from a database naming a slave image")
+    validate_geometry(db.size, db.block_size, db.extent_size)
+    if os.path.lexists(target):
+        raise UsageError(f"{path}: exists")
+    _build_unit(target, db, path)
+
+
+def _build_unit(target: str, db: MirrorDB, shown: str) -> None:
+    """Build the unit in a hidden sibling and rename it into place (nothing half-made)."""
+    parent = os.path.dirname(target)
     try:
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.creating-", dir=parent)
     except OSError as e:
-        raise FusemirrorError(f"{path}: cannot create here: {e.strerror}") from None
+        raise FusemirrorError(f"{shown}: cannot create here: {e.strerror}") from None
     try:
         os.chmod(tmp, 0o700)
-        db = MirrorDB.new(name=name, size=size, block_size=block_size, extent_size=extent_size,
-                          write_policy=write_policy, image_name=f"{socket.gethostname()}:{target}")
-        if activity_log_extents is not None:
-            db.set_mirror_attr("activity_log_extents", activity_log_extents)
         tp = UnitPaths(tmp)
         fd = os.open(tp.image, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            os.ftruncate(fd, size)
+            os.ftruncate(fd, db.size)
             os.fsync(fd)
         finally:
             os.close(fd)
         nslots = journal_slots_for(db.mirror["activity_log_extents"])
         journal_mod.create(tp.journal, mirror_id=bytes.fromhex(db.mirror["id"]),
-                           extent_size=extent_size, nextents=-(-size // extent_size),
-                           nslots=nslots)
+                           extent_size=db.extent_size,
+                           nextents=-(-db.size // db.extent_size), nslots=nslots)
         os.mkdir(tp.fracture, 0o700)
         db.save(tmp)
         fsync_dir(tmp)
-        if os.path.isdir(target):
-            os.rename(tmp, target)   # replaces the empty directory atomically
-        else:
-            os.rename(tmp, target)
+        os.rename(tmp, target)   # replaces an empty directory atomically
         fsync_dir(parent)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         what = "no space left" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-        raise FusemirrorError(f"{path}: create failed: {what}") from None
+        raise FusemirrorError(f"{shown}: create failed: {what}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return db
 
 
 def journal_slots_for(activity_log_extents: int) -> int:

@@ -1,0 +1,349 @@
+"""``fusemirror serve ROOT``: the slave agent, one per host, serving every slave unit under ROOT.
+
+The agent accepts authenticated connections from masters (protocol in :mod:`.protocol`), and
+applies their requests to ``ROOT/NAME`` strictly in order: a write is acknowledged after its
+``pwrite``, a flush after its ``fdatasync`` — never on receipt. It never writes outside an image,
+never touches a path outside ROOT (NAME is one path component, checked), and never dies of bad
+input: a peer that breaks the protocol is disconnected with one log line.
+
+A new connection for a unit fences the old one (the old connection is cancelled and finished
+before the new one may write). The agent holds the lock of every unit it has open.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+from typing import Any
+
+import trio
+import xxhash
+
+from . import protocol as P
+from .errors import FusemirrorError, UsageError
+from .image import Image
+from .mirrordb import MirrorDB
+from .unit import UnitLock, UnitPaths, create_slave_unit, is_unit
+
+log = logging.getLogger("fusemirror.agent")
+
+HANDSHAKE_TIMEOUT = 10.0
+RECV = 1 << 20
+
+
+def read_secret(path: str) -> bytes:
+    """The shared secret from ``path``: its bytes without a trailing newline."""
+    try:
+        with open(path, "rb") as f:
+            secret = f.read().rstrip(b"\r\n")
+    except OSError as e:
+        raise UsageError(f"cannot read secret file {path}: {e.strerror}") from None
+    if len(secret) < 8:
+        raise UsageError(f"secret file {path} holds fewer than 8 bytes")
+    return secret
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"bad address {text!r}: use HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class OpenUnit:
+    """A slave unit the agent holds: its lock, its image, and the session writing to it."""
+
+    def __init__(self, paths: UnitPaths, db: MirrorDB) -> None:
+        self.paths = paths
+        self.db = db
+        self.lock = UnitLock(paths, "agent").acquire()
+        self.image = Image(paths.image)
+        self.session: "Session | None" = None
+
+    def close(self) -> None:
+        self.image.close()
+        self.lock.release()
+
+
+class Agent:
+    def __init__(self, root: str, secret: bytes) -> None:
+        self.root = os.path.abspath(root)
+        self.secret = secret
+        self.units: dict[str, OpenUnit] = {}
+        self.connections = 0
+
+    def unit_dir(self, name: str) -> str:
+        if not P.valid_unit_name(name):
+            raise P.ProtocolError(f"bad unit name {name!r}")
+        path = os.path.join(self.root, name)
+        if os.path.dirname(path) != self.root:
+            raise P.ProtocolError(f"unit name {name!r} leaves the root")
+        return path
+
+    async def serve(self, host: str, port: int, *,
+                    task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(port, host=host or None)
+        bound = listeners[0].socket.getsockname()
+        log.info("agent serving %s on %s:%s", self.root, bound[0], bound[1])
+        task_status.started(bound[1])
+        try:
+            await trio.serve_listeners(self._connection, listeners)
+        finally:
+            for u in self.units.values():
+                u.close()
+            self.units.clear()
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        try:
+            peer = "%s:%s" % stream.socket.getpeername()[:2]
+        except OSError:
+            peer = "?"
+        self.connections += 1
+        conn = P.Connection("agent", self.secret)
+        session: Session | None = None
+        why = "closed by peer"
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                ev = await _next(conn, stream)
+                while not isinstance(ev, P.Authenticated):
+                    out = conn.data_to_send()
+                    if out:
+                        await stream.send_all(out)
+                    ev = await _next(conn, stream)
+                await stream.send_all(conn.data_to_send())
+            log.info("%s: authenticated for unit %s of mirror %s", peer, ev.unit, ev.mirror)
+            session = Session(self, conn, stream, peer, ev.unit, ev.mirror)
+            await session.run()
+        except P.ProtocolError as e:
+            why = f"protocol error: {e}"
+        except trio.TooSlowError:
+            why = "handshake timed out"
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as e:
+            why = f"connection lost: {e}"
+        except EOFError:
+            pass
+        except Fenced:
+            why = "fenced by a newer connection for the same unit"
+        finally:
+            if session is not None:
+                session.release()
+            log.info("%s: disconnected: %s", peer, why)
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+
+class Fenced(Exception):
+    pass
+
+
+async def _next(conn: P.Connection, stream: trio.abc.ReceiveStream) -> P.Event:
+    while True:
+        ev = conn.next_event()
+        if ev is not None:
+            return ev
+        data = await stream.receive_some(RECV)
+        if not data:
+            raise EOFError
+        conn.receive_data(data)
+
+
+class Session:
+    """One authenticated master connection, bound to one unit name."""
+
+    def __init__(self, agent: Agent, conn: P.Connection, stream: trio.SocketStream,
+                 peer: str, unit: str, mirror: str) -> None:
+        self.agent = agent
+        self.conn = conn
+        self.stream = stream
+        self.peer = peer
+        self.name = unit
+        self.mirror = mirror
+        self.path = agent.unit_dir(unit)
+        self.unit: OpenUnit | None = None
+        self.scope = trio.CancelScope()
+        self.done = trio.Event()
+        self.fenced = False
+
+    async def run(self) -> None:
+        send, recv = trio.open_memory_channel[P.Event](64)
+        try:
+            with self.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._reader, send)
+                    await self._apply_all(recv)
+                    nursery.cancel_scope.cancel()
+        finally:
+            self.done.set()
+        if self.fenced:
+            raise Fenced()
+
+    async def _reader(self, send: trio.MemorySendChannel[P.Event]) -> None:
+        async with send:
+            while True:
+                ev = await _next(self.conn, self.stream)
+                await send.send(ev)
+
+    async def _apply_all(self, recv: trio.MemoryReceiveChannel[P.Event]) -> None:
+        async with recv:
+            async for ev in recv:
+                answer = await self._apply(ev)
+                await self.stream.send_all(self.conn.send(answer))
+
+    def release(self) -> None:
+        u = self.unit
+        if u is not None and u.session is self:
+            u.session = None
+
+    # ---- requests ------------------------------------------------------------------------
+    async def _apply(self, ev: P.Event) -> P.Event:
+        if isinstance(ev, P.Ping):
+            return P.Ack(ev.seq)
+        if isinstance(ev, P.Request):
+            return await self._request(ev)
+        u = self._require_open(ev)
+        if isinstance(ev, P.Write):
+            self._check_range(u, ev.offset, len(ev.data))
+            try:
+                await trio.to_thread.run_sync(u.image.pwrite, ev.offset, ev.data)
+            except OSError as e:
+                log.error("unit %s: write of %d bytes at %d failed: %s", self.name,
+                          len(ev.data), ev.offset, e)
+                return P.Error(ev.seq, e.errno or errno.EIO, str(e))
+            return P.Ack(ev.seq)
+        if isinstance(ev, P.Flush):
+            try:
+                await trio.to_thread.run_sync(u.image.fdatasync)
+            except OSError as e:
+                log.error("unit %s: fdatasync failed: %s", self.name, e)
+                return P.Error(ev.seq, e.errno or errno.EIO, str(e))
+            return P.Ack(ev.seq)
+        if isinstance(ev, P.ReadDigests):
+            self._check_range(u, ev.offset, ev.length)
+            data = await trio.to_thread.run_sync(_digests, u.image, ev.offset, ev.length,
+                                                 ev.block_size)
+            return P.Digests(ev.seq, data)
+        if isinstance(ev, P.Read):
+            self._check_range(u, ev.offset, ev.length)
+            data = await trio.to_thread.run_sync(u.image.pread, ev.offset, ev.length)
+            return P.Data(ev.seq, data)
+        raise P.ProtocolError(f"unexpected {type(ev).__name__}")
+
+    def _require_open(self, ev: P.Event) -> OpenUnit:
+        if self.unit is None:
+            raise P.ProtocolError(f"{type(ev).__name__} before the unit was opened")
+        return self.unit
+
+    def _check_range(self, u: OpenUnit, off: int, length: int) -> None:
+        if off < 0 or length < 0 or off + length > u.image.size:
+            raise P.ProtocolError(f"range {off}+{length} is outside unit {self.name} "
+                                  f"({u.image.size} bytes)")
+
+    async def _request(self, ev: P.Request) -> P.Event:
+        try:
+            if ev.op == "create":
+                result = await self._create(ev.args)
+            elif ev.op == "open":
+                result = await self._open(ev.args)
+            elif ev.op == "db_write":
+                result = self._db_write(ev.args)
+            elif ev.op == "info":
+                result = self._info()
+            else:
+                raise P.ProtocolError(f"unknown request {ev.op!r}")
+        except FusemirrorError as e:
+            return P.Error(ev.seq, errno.EINVAL, e.msg)
+        except OSError as e:
+            return P.Error(ev.seq, e.errno or errno.EIO, f"{ev.op}: {e.strerror or e}")
+        return P.Reply(ev.seq, result)
+
+    async def _create(self, args: dict[str, Any]) -> dict[str, Any]:
+        """add-slave: make ROOT/NAME with an image of the master's size (or accept one)."""
+        db = MirrorDB(args["db"])
+        size = int(db.size)
+        if is_unit(self.path):
+            old = MirrorDB.load(self.path)
+            if old.mirror["id"] != db.mirror["id"]:
+                raise FusemirrorError(f"unit {self.name} belongs to another mirror "
+                                      f"({old.name!r})")
+            if old.size != size:
+                raise FusemirrorError(f"unit {self.name} has {old.size} bytes, the mirror "
+                                      f"{size}: refusing a size mismatch")
+            log.info("unit %s exists for mirror %s: rejoining", self.name, db.name)
+            return {"created": False}
+        if os.path.lexists(self.path):
+            raise FusemirrorError(f"{self.path} exists and is not a fusemirror unit")
+        await trio.to_thread.run_sync(create_slave_unit, self.path, db)
+        log.info("unit %s created for mirror %s (%d bytes)", self.name, db.name, size)
+        return {"created": True}
+
+    async def _open(self, args: dict[str, Any]) -> dict[str, Any]:
+        if not is_unit(self.path):
+            raise FusemirrorError(f"no unit {self.name} under {self.agent.root}; "
+                                  "add it with `fusemirror add-slave`")
+        existing = self.agent.units.get(self.name)
+        if existing is not None and existing.session is not None \
+                and existing.session is not self:
+            old = existing.session
+            log.info("unit %s: new connection from %s fences the one from %s", self.name,
+                     self.peer, old.peer)
+            old.fenced = True
+            old.scope.cancel()
+            await old.done.wait()
+        if existing is None:
+            db = MirrorDB.load(self.path)
+            existing = OpenUnit(UnitPaths(self.path), db)
+            self.agent.units[self.name] = existing
+        db = existing.db = MirrorDB.load(self.path)
+        if args.get("mirror_id") != db.mirror["id"]:
+            raise FusemirrorError(f"unit {self.name} belongs to another mirror ({db.name!r})")
+        if int(args.get("size", -1)) != existing.image.size:
+            raise FusemirrorError(f"unit {self.name} has {existing.image.size} bytes, the "
+                                  f"master {args.get('size')}")
+        existing.session = self
+        self.unit = existing
+        return self._info()
+
+    def _db_write(self, args: dict[str, Any]) -> dict[str, Any]:
+        u = self._require_open(P.Request(0, "db_write"))
+        db = MirrorDB(args["db"])
+        if db.mirror["id"] != u.db.mirror["id"]:
+            raise FusemirrorError("database of another mirror")
+        db.data["self"] = u.db.data["self"]
+        db.save(u.paths.dir)
+        u.db = db
+        return {"generation": list(db.generation)}
+
+    def _info(self) -> dict[str, Any]:
+        u = self.unit
+        if u is None:
+            return {"open": False}
+        return {"open": True, "size": u.image.size, "db": u.db.data}
+
+
+def _digests(image: Image, off: int, length: int, bs: int) -> list[int]:
+    out = []
+    end = off + length
+    while off < end:
+        chunk = image.pread(off, min(1 << 20, end - off))
+        mv = memoryview(chunk)
+        out.extend(xxhash.xxh3_64_intdigest(mv[i:i + bs]) for i in range(0, len(mv), bs))
+        off += len(chunk)
+    return out
+
+
+async def run_agent(root: str, listen: str, secret_file: str,
+                    *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    host, port = parse_hostport(listen)
+    if not os.path.isdir(root):
+        raise UsageError(f"{root}: no such directory")
+    agent = Agent(root, read_secret(secret_file))
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(agent.serve, host, port)
+        task_status.started(bound)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+            async for sig in sigs:
+                log.info("got %s: stopping", signal.Signals(sig).name)
+                nursery.cancel_scope.cancel()
+                break
