@@ -167,17 +167,30 @@ class Session:
         self.fenced = False
 
     async def run(self) -> None:
+        """Read requests in one task, apply them in order in another; the first failure of
+        either ends the session and is re-raised here (not wrapped in an exception group)."""
         send, recv = trio.open_memory_channel[P.Event](64)
+        self.error: BaseException | None = None
         try:
             with self.scope:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._reader, send)
-                    await self._apply_all(recv)
-                    nursery.cancel_scope.cancel()
+                    nursery.start_soon(self._guard, self._reader(send), nursery.cancel_scope)
+                    nursery.start_soon(self._guard, self._apply_all(recv), nursery.cancel_scope)
         finally:
             self.done.set()
         if self.fenced:
             raise Fenced()
+        if self.error is not None:
+            raise self.error
+
+    async def _guard(self, coro: Any, scope: trio.CancelScope) -> None:
+        try:
+            await coro
+        except (P.ProtocolError, EOFError, trio.BrokenResourceError, trio.ClosedResourceError,
+                ConnectionError) as e:
+            if self.error is None:
+                self.error = e
+        scope.cancel()
 
     async def _reader(self, send: trio.MemorySendChannel[P.Event]) -> None:
         async with send:
@@ -190,6 +203,7 @@ class Session:
             async for ev in recv:
                 answer = await self._apply(ev)
                 await self.stream.send_all(self.conn.send(answer))
+        raise EOFError
 
     def release(self) -> None:
         u = self.unit

@@ -107,9 +107,12 @@ def _daemon_or_offline(paths: UnitPaths, cmd: str, offline: Callable[[], T],
 @click.option("--activity-log-extents", type=int, metavar="N",
               help="Extents that may be logged at once (default 1024): bounds the work after "
                    "a crash to N x extent size.")
+@click.option("--secret-file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="The shared secret of the slave agents (copied into DIR, mode 0600).")
 @click.option("--json", "as_json", is_flag=True, help="Print the new mirror as JSON.")
 def create(dir: str, size: str, name: str | None, block_size: str, extent_size: str,
-           write_policy: str, activity_log_extents: int | None, as_json: bool) -> None:
+           write_policy: str, activity_log_extents: int | None, secret_file: str | None,
+           as_json: bool) -> None:
     """Create a mirror whose master image lives in DIR.
 
     DIR must not exist or be an empty directory. The image DIR/image is sparse (it takes no
@@ -120,6 +123,10 @@ def create(dir: str, size: str, name: str | None, block_size: str, extent_size: 
                      extent_size=parse_size(extent_size, "extent size"),
                      write_policy=write_policy, name=name,
                      activity_log_extents=activity_log_extents)
+    if secret_file:
+        from .admin import store_secret
+
+        store_secret(UnitPaths(os.path.abspath(dir)), secret_file)
     info = {"name": db.name, "unit": os.path.abspath(dir), "size": db.size,
             "block_size": db.block_size, "extent_size": db.extent_size,
             "write_policy": db.mirror["write_policy"], "state": db.state}
@@ -279,6 +286,226 @@ def status(dir: str, as_json: bool) -> None:
     except control.NotRunning:
         st = offline_status(paths, MirrorDB.load(paths.dir))
     _out(st, as_json, lambda: format_text(st))
+
+
+# ---- slaves ---------------------------------------------------------------------------------
+def _engine_op(paths: UnitPaths, cmd: str, offline: Callable[[Any], Any],
+               **args: Any) -> Any:
+    """Ask the daemon, or run ``offline(engine)`` on a headless engine under the unit lock."""
+    import trio
+
+    from .admin import run_headless
+
+    def go() -> Any:
+        return trio.run(run_headless, paths, offline)
+
+    return _daemon_or_offline(paths, cmd, go, **args)
+
+
+class _Progress:
+    """A progress line: redrawn in place on a terminal, a plain line every few seconds else."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+
+    def update(self, done: int, total: int, extra: str = "") -> None:
+        now = time.monotonic()
+        if not self.tty and now - self.last < 2.0 and done < total:
+            return
+        self.last = now
+        pct = 100.0 * done / max(1, total)
+        if self.tty:
+            width = 30
+            fill = int(width * done / max(1, total))
+            bar = "#" * fill + "." * (width - fill)
+            sys.stderr.write(f"\r{self.label} [{bar}] {pct:5.1f}% {extra}   ")
+            if done >= total:
+                sys.stderr.write("\n")
+        else:
+            sys.stderr.write(f"{self.label}: {pct:.1f}% ({format_size(done)} of "
+                             f"{format_size(total)}) {extra}\n")
+        sys.stderr.flush()
+
+
+@cli.command()
+@click.argument("root", type=click.Path())
+@click.option("--listen", required=True, metavar="HOST:PORT",
+              help="Address to accept masters on, e.g. 0.0.0.0:7789.")
+@click.option("--secret-file", required=True, type=click.Path(dir_okay=False), metavar="FILE",
+              help="The shared secret (the same file the masters use).")
+@click.option("--debug", is_flag=True, help="Log every connection event.")
+def serve(root: str, listen: str, secret_file: str, debug: bool) -> None:
+    """Run the slave agent: serve every slave unit under ROOT (ROOT/NAME).
+
+    Runs in the foreground (for systemd) and logs one line per connection and state change to
+    stderr. Masters authenticate with the shared secret (HMAC challenge-response both ways)
+    before any other request. SIGTERM stops it.
+    """
+    import logging
+
+    import trio
+
+    from .agent import run_agent
+
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    trio.run(run_agent, os.path.abspath(root), listen, secret_file)
+
+
+@cli.command(name="add-slave")
+@click.argument("dir", type=click.Path())
+@click.argument("address", metavar="HOST:PORT/NAME")
+@click.option("--synchronized", is_flag=True,
+              help="The slave image already equals the master (copied by hand with the mirror "
+                   "INACTIVE): no sync. Otherwise it starts UNSYNCHRONIZED and is fully "
+                   "synchronized once the mirror is ACTIVE.")
+@click.option("--secret-file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="The agents' shared secret (stored in DIR; needed the first time).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def add_slave(dir: str, address: str, synchronized: bool, secret_file: str | None,
+              as_json: bool) -> None:
+    """Add a slave image: the agent at HOST:PORT creates ROOT/NAME with the master's size.
+
+    An existing ROOT/NAME of this mirror is taken back (rejoin); one of another size or
+    mirror is refused.
+    """
+    from . import admin
+
+    paths = require_unit(dir)
+    if secret_file:
+        admin.store_secret(paths, secret_file)
+
+    async def offline(engine: Any) -> Any:
+        return await admin.add_slave(engine, paths, address, synchronized=synchronized,
+                                     secret=admin.unit_secret(paths))
+
+    res = _engine_op(paths, "add_slave", offline, address=address, synchronized=synchronized)
+    _out(res, as_json, f"slave {res['name']} added ({res['state']})\n")
+
+
+@cli.command(name="remove-slave")
+@click.argument("dir", type=click.Path())
+@click.argument("slave")
+@click.option("--force", is_flag=True, help="Do not complete outstanding requests first.")
+def remove_slave(dir: str, slave: str, force: bool) -> None:
+    """Remove a slave from the mirror (the mirror must be INACTIVE). Its data stays."""
+    from . import admin
+
+    paths = require_unit(dir)
+    res = _engine_op(paths, "remove_slave",
+                     lambda e: admin.remove_slave(e, paths, slave, force=force),
+                     slave=slave, force=force)
+    click.echo(f"slave {res['name']} removed; its unit directory and data stay on its host")
+
+
+@cli.command()
+@click.argument("dir", type=click.Path())
+@click.argument("slave")
+@click.option("--no-wait", is_flag=True, help="Start the sync and return.")
+def sync(dir: str, slave: str, no_wait: bool) -> None:
+    """Fully synchronize a slave: a block copy of the whole image, throttled by sync_rate.
+
+    Host writes during the sync are forwarded only where the copy has already passed. Progress
+    is saved, so an interrupted sync resumes where it stopped.
+    """
+    from . import admin
+
+    paths = require_unit(dir)
+    bar = _Progress(f"sync {slave}")
+
+    def show(st: dict[str, Any]) -> None:
+        sy = st.get("sync") or {}
+        if sy:
+            eta = sy.get("eta_seconds")
+            bar.update(sy["done"], sy["total"], f"ETA {eta:.0f}s" if eta is not None else "")
+
+    async def offline(engine: Any) -> Any:
+        await admin.start_sync(engine, slave)
+        if no_wait:
+            return {}
+        return await admin.wait_synced(engine, slave, show)
+
+    try:
+        control.request(paths.control, "sync", slave=slave)
+    except control.NotRunning:
+        if no_wait:
+            raise UsageError("--no-wait needs a mounted mirror (otherwise the sync runs in "
+                             "this command)") from None
+        _engine_op(paths, "sync", offline, slave=slave)
+        click.echo(f"slave {slave}: synchronized")
+        return
+    if no_wait:
+        click.echo(f"slave {slave}: sync started")
+        return
+    while True:
+        st = control.request(paths.control, "status")
+        img = next((i for i in st["images"] if slave in (i["name"], i.get("address"))
+                    or (i.get("address") or "").endswith("/" + slave)), None)
+        if img is None:
+            raise UsageError(f"no slave {slave!r}")
+        show(img)
+        if img.get("mode") == "streaming" and img.get("sync_progress") is None \
+                and not img.get("fracture_extents"):
+            break
+        time.sleep(0.5)
+    click.echo(f"slave {slave}: synchronized")
+
+
+@cli.command()
+@click.argument("dir", type=click.Path())
+@click.argument("slave")
+def fracture(dir: str, slave: str) -> None:
+    """Split a slave off on purpose: writes are recorded in its fracture log until restore."""
+    from . import admin
+
+    paths = require_unit(dir)
+    _engine_op(paths, "fracture", lambda e: admin.fracture(e, slave), slave=slave)
+    click.echo(f"slave {slave}: fractured")
+
+
+@cli.command()
+@click.argument("dir", type=click.Path())
+@click.argument("slave")
+def restore(dir: str, slave: str) -> None:
+    """Rejoin a fractured slave: it is caught up from its fracture log (extents only)."""
+    from . import admin
+
+    paths = require_unit(dir)
+    res = _engine_op(paths, "restore", lambda e: admin.restore(e, slave), slave=slave)
+    click.echo(f"slave {slave}: restoring ({res['fracture_extents']} extents to catch up)")
+
+
+@cli.command()
+@click.argument("dir", type=click.Path())
+@click.argument("slave", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def verify(dir: str, slave: str | None, as_json: bool) -> None:
+    """Compare master and slave(s) by xxh3 digests; report the differing block ranges.
+
+    Only digests cross the network for equal blocks. Exit 1 if any block differs.
+    """
+    from . import admin
+
+    paths = require_unit(dir)
+    res = _engine_op(paths, "verify", lambda e: admin.verify(e, slave), slave=slave)
+
+    def text() -> str:
+        lines = []
+        for s in res["slaves"]:
+            if s["equal"]:
+                lines.append(f"{s['name']}: identical ({s['seconds']}s)")
+            else:
+                rng = ", ".join(f"{a}-{b - 1}" if b - a > 1 else str(a)
+                                for a, b in s["ranges"][:20])
+                lines.append(f"{s['name']}: {s['differing_blocks']} differing blocks of "
+                             f"{res['block_size']} bytes: {rng}")
+        return "\n".join(lines) + "\n"
+
+    _out(res, as_json, text)
+    if not all(s["equal"] for s in res["slaves"]):
+        sys.exit(EXIT_FAILURE)
 
 
 @cli.command(name="fsck", context_settings={"ignore_unknown_options": True})

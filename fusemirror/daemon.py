@@ -24,7 +24,7 @@ from typing import Any, Callable
 import pyfuse3
 import trio
 
-from . import control, faults, journal as journal_mod, mountutil, states
+from . import admin, control, faults, journal as journal_mod, mountutil
 from .engine import Engine
 from .errors import (BusyError, CorruptError, FusemirrorError, NeedsRecoveryError, StateError,
                      UsageError, EXIT_FAILURE)
@@ -199,12 +199,15 @@ class Daemon:
                                f"{self.db.size}")
         self.engine = Engine(paths.dir, self.db, self.journal, self.image,
                              mountpoint=mountpoint, inline_io_max=opts.inline_io_max)
+        admin.make_links(self.engine, paths)
         self.fs = MirrorFS(self.engine, cache=opts.cache, status_text=self.status_text,
                            unit_dir=paths.dir, on_release=self._on_release)
         self._unmount_wanted = False
         self._nursery: trio.Nursery | None = None
 
     def close_files(self) -> None:
+        for link in self.engine.links:
+            link.fracture.close()
         if self.journal is not None:
             self.journal.close()
         self.image.close()
@@ -213,6 +216,8 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         st = base_status(self.paths, self.db)
         st.update(self.engine.status())
+        live = {s["name"]: s for s in st.pop("slaves")}
+        st["images"] = [live.get(img["name"], img) for img in st["images"]]
         st["cache"] = self.opts.cache
         return st
 
@@ -234,6 +239,22 @@ class Daemon:
                                 "e.g. a loop device: `losetup -d`); close it first or use "
                                 "--force")
             return {"open_handles": n}
+        if cmd == "add_slave":
+            secret = admin.unit_secret(self.paths, req.get("secret_file"))
+            return await admin.add_slave(self.engine, self.paths, req["address"],
+                                         synchronized=bool(req.get("synchronized")),
+                                         secret=secret)
+        if cmd == "remove_slave":
+            return await admin.remove_slave(self.engine, self.paths, req["slave"],
+                                            force=bool(req.get("force")))
+        if cmd == "sync":
+            return await admin.start_sync(self.engine, req["slave"])
+        if cmd == "fracture":
+            return await admin.fracture(self.engine, req["slave"])
+        if cmd == "restore":
+            return await admin.restore(self.engine, req["slave"])
+        if cmd == "verify":
+            return await admin.verify(self.engine, req.get("slave"))
         if cmd == "cleanup":
             return {"retired": await self.engine.cleanup(float(req.get("idle", 0)))}
         if cmd == "fault" and faults.ENABLED:

@@ -28,7 +28,8 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from typing import Any, Awaitable, Callable, TypeVar
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 import trio
 
@@ -49,7 +50,7 @@ class ExtentState:
     """What the engine knows about one active extent."""
 
     __slots__ = ("inflight", "last_done", "logged", "error", "retiring", "retired", "pinned",
-                 "touched")
+                 "touched", "queued", "slave_last")
 
     def __init__(self, durable: bool) -> None:
         self.inflight = 0                 # writes to this extent between logging and completion
@@ -60,6 +61,8 @@ class ExtentState:
         self.retired: trio.Event | None = None
         self.pinned = False               # an I/O error hit it: keep logged until fsck
         self.touched = 0.0
+        self.queued = 0                   # writes to it in a slave's stream, not yet answered
+        self.slave_last: dict[str, int] = {}  # slave id -> stream seq of the last write sent
         if durable:
             self.logged.set()
 
@@ -102,6 +105,10 @@ class Engine:
         self.attention_reason: str | None = None
         self.open_handles = 0
         self.started = time.time()
+        self.links: list[Any] = []          # SlaveLink, one per slave image
+        self._db_dirty = trio.Event()
+        self._db_lock = trio.Lock()
+        self._nursery: trio.Nursery | None = None
         self.stats = {"writes": 0, "bytes_written": 0, "reads": 0, "bytes_read": 0,
                       "flushes": 0, "intent_hits": 0, "intent_misses": 0, "retired": 0,
                       "write_errors": 0}
@@ -110,9 +117,13 @@ class Engine:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Background tasks: the journal writer and the lazy clean-up. Cancel to stop."""
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             if self.writer is not None:
                 nursery.start_soon(self.writer.run)
                 nursery.start_soon(self._cleanup_loop)
+            nursery.start_soon(self._db_saver)
+            for link in self.links:
+                nursery.start_soon(link.run)
             task_status.started()
 
     async def close(self) -> None:
@@ -136,6 +147,18 @@ class Engine:
                         "`fsck.fusemirror %s` before the next mount", left, self.unit_dir)
         else:
             log.info("clean stop: no intent left in the journal")
+        self._all_committed()
+        for link in self.links:
+            link.stop()
+        await self.save_db()
+
+    def _all_committed(self) -> None:
+        """No write outstanding and every slave flushed: CONSISTENT -> SYNCHRONIZED (FIG. 5)."""
+        if self.extents:
+            return
+        for link in self.links:
+            if link.mode == "streaming" and link.queued_bytes == 0 and not link.missed:
+                link._set_state("all_committed")
 
     # ---- host I/O --------------------------------------------------------------------------
     def _check_io(self) -> None:
@@ -171,9 +194,15 @@ class Engine:
         try:
             await self._log_intents(exts)
             ok = False
+            entries = self._replicate(off, data, exts) if self.links else None
             try:
                 faults.crash_point("after-journal")
                 await self._io(len(data), self.image.pwrite, off, data)
+                faults.crash_point("after-master")
+                if entries:
+                    for entry in entries:
+                        await entry.done.wait()
+                    faults.crash_point("after-slaves")
                 ok = True
             except OSError as e:
                 self.stats["write_errors"] += 1
@@ -201,11 +230,45 @@ class Engine:
         self.stats["bytes_written"] += len(data)
         return len(data)
 
+    def _replicate(self, off: int, data: bytes, exts: range) -> list[Any]:
+        """Start the slave sends of a host write (they run while the master writes).
+
+        Sync policy: the returned entries are awaited before the write is answered. Async:
+        the write goes into each slave's bounded backlog and is not awaited.
+        """
+        sts = [self.extents[e] for e in exts if e in self.extents]
+        sync = self.db.mirror["write_policy"] == "sync"
+        entries = []
+        for link in self.links:
+            link.note_master_write()
+            entry = link.route(off, data, exts, sts, bounded=not sync)
+            if entry is not None and sync:
+                entries.append(entry)
+        return entries
+
     async def fsync(self) -> None:
-        """Make every write completed so far durable on the master (``fdatasync``)."""
+        """Make every write completed so far durable: the master (``fdatasync``) and, with the
+        sync policy, every reachable slave (a flush through its ordered stream)."""
         if self.db.state == states.ATTENTION:
             raise OSError(errno.EIO, f"mirror is ATTENTION: {self.attention_reason}")
-        await self._flush_master()
+        if not self.links or self.db.mirror["write_policy"] != "sync":
+            await self._flush_master()
+            return
+        failed: list[OSError] = []
+
+        async def master() -> None:
+            try:
+                await self._flush_master()
+            except OSError as e:
+                failed.append(e)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(master)
+            for link in self.links:
+                if link.accepting:
+                    n.start_soon(link.flush)
+        if failed:
+            raise failed[0]
 
     # ---- intents ---------------------------------------------------------------------------
     async def _log_intents(self, exts: range) -> None:
@@ -291,8 +354,8 @@ class Engine:
             return True
 
     def _retirable(self, st: ExtentState) -> bool:
-        return (st.inflight == 0 and st.logged.is_set() and st.error is None
-                and not st.retiring and not st.pinned)
+        return (st.inflight == 0 and st.queued == 0 and st.logged.is_set()
+                and st.error is None and not st.retiring and not st.pinned)
 
     async def _retire(self, batch: list[int]) -> None:
         """Lazy deletion (FIG. 7): flush what the batch needs, then one retire record."""
@@ -304,6 +367,10 @@ class Engine:
         try:
             if any(self.extents[e].last_done > self._flushed for e in batch):
                 await self._flush_master()
+            if self.links:
+                async with trio.open_nursery() as n:
+                    for link in self.links:
+                        n.start_soon(link.secure, batch)
             faults.crash_point("cleanup-before-retire")
             assert self.writer is not None
             try:
@@ -342,6 +409,7 @@ class Engine:
         except OSError as err:
             log.error("clean-up failed: %s", err)
             return 0
+        self._all_committed()
         return len(batch)
 
     # ---- flushing --------------------------------------------------------------------------
@@ -385,7 +453,7 @@ class Engine:
         return None
 
     async def activate(self) -> str:
-        reason = self.conditions_hold()
+        reason = self.conditions_reason()
         state = self.db.state
         if state == states.ATTENTION:
             states.mirror_next(state, "activate_ok")  # raises with the remedy
@@ -393,6 +461,8 @@ class Engine:
         await self._set_state(new)
         if reason:
             self.attention_reason = reason
+        for link in self.links:
+            link.wake()   # an UNSYNCHRONIZED slave starts its sync once ACTIVE
         return new
 
     async def deactivate(self, force: bool = False) -> str:
@@ -410,7 +480,80 @@ class Engine:
         old = self.db.mirror["state"]
         self.db.mirror["state"] = new
         log.info("mirror %s: %s -> %s", self.db.name, old, new)
-        await trio.to_thread.run_sync(self.db.save, self.unit_dir)
+        await self.save_db()
+
+    # ---- slaves ----------------------------------------------------------------------------
+    def add_link(self, link: Any) -> None:
+        self.links.append(link)
+        if self._nursery is not None:
+            self._nursery.start_soon(link.run)
+
+    def remove_link(self, link: Any) -> None:
+        link.stop()
+        self.links.remove(link)
+
+    def db_changed(self) -> None:
+        """Something in the mirror database changed: save it soon (in the background)."""
+        self._db_dirty.set()
+
+    async def _db_saver(self) -> None:
+        while True:
+            await self._db_dirty.wait()
+            self._db_dirty = trio.Event()
+            await self.save_db()
+            await trio.sleep(0.05)
+
+    async def save_db(self) -> None:
+        """Save the mirror database (crash-atomically), one save at a time."""
+        async with self._db_lock:
+            try:
+                await trio.to_thread.run_sync(self.db.save, self.unit_dir)
+            except OSError as e:
+                log.error("saving the mirror database failed: %s", e)
+
+    def missing_images(self) -> int:
+        return sum(1 for link in self.links if not link.reachable)
+
+    def conditions_reason(self) -> str | None:
+        """Why the mirror may not operate normally now (FIG. 4), or None."""
+        reason = self.conditions_hold()
+        if reason:
+            return reason
+        m = self.db.mirror
+        missing = self.missing_images()
+        if m["max_missing_images"] >= 0 and missing > m["max_missing_images"]:
+            return (f"{missing} slave(s) unreachable, more than max_missing_images="
+                    f"{m['max_missing_images']}")
+        present = 1 + len(self.links) - missing
+        if m["min_images_required"] >= 0 and present < m["min_images_required"]:
+            return (f"{present} image(s) reachable, fewer than min_images_required="
+                    f"{m['min_images_required']}")
+        return None
+
+    def link_changed(self, link: Any) -> None:
+        """A slave became reachable or unreachable: re-check the mirror's conditions."""
+        if self._nursery is not None:
+            self._nursery.start_soon(self._reevaluate)
+
+    async def _reevaluate(self) -> None:
+        reason = self.conditions_reason()
+        state = self.db.state
+        if reason and state == states.ACTIVE:
+            await self.condition_failed(reason)
+        elif not reason and state == states.ATTENTION:
+            self.attention_reason = None
+            await self._set_state(states.mirror_next(state, "conditions_ok"))
+            log.info("mirror %s: conditions hold again: ATTENTION -> INACTIVE; run `fusemirror "
+                     "activate` to resume host I/O", self.db.name)
+
+    @asynccontextmanager
+    async def locked_range(self, start: int, end: int) -> AsyncIterator[None]:
+        """Hold [start, end) against host writes (catch-up and sync copies use it)."""
+        rng = await self._lock_range(start, end)
+        try:
+            yield
+        finally:
+            self._unlock_range(rng)
 
     # ---- helpers ---------------------------------------------------------------------------
     async def _io(self, nbytes: int, fn: Callable[..., T], *args: Any) -> T:
@@ -449,6 +592,7 @@ class Engine:
                  group_commits=self.writer.batches if self.writer else 0,
                  broken=jbroken)
         return {
+            "slaves": [link.status() for link in self.links],
             "journal": j,
             "needs_recovery": bool(pinned) or jbroken or self._flush_failed is not None,
             "attention_reason": self.attention_reason,

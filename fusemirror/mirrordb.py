@@ -25,6 +25,7 @@ import copy
 import json
 import os
 import secrets
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -271,8 +272,8 @@ class MirrorDB:
 def atomic_write(path: str, payload: bytes) -> None:
     """Replace ``path`` with ``payload`` so that a crash leaves the old or the new file."""
     d = os.path.dirname(path) or "."
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = f"{path}.tmp{os.getpid()}-{threading.get_ident()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         view = memoryview(payload)
         while view:

@@ -24,6 +24,7 @@ def base_status(paths: UnitPaths, db: MirrorDB) -> dict[str, Any]:
         images.append({
             "name": img["name"], "role": img["role"], "state": img["state"],
             "reachable": True if local else bool(img.get("reachable", False)),
+            "reachable_known": local,
             "address": img.get("address"), "local": local,
             "fracture_extents": int(img.get("fracture_extents", 0)),
             "lag_bytes": int(img.get("lag_bytes", 0)),
@@ -69,6 +70,8 @@ def format_text(st: dict[str, Any]) -> str:
              f"policy:{st['write_policy']} size:{format_size(st['size'])}{where}"]
     for img in st["images"]:
         reach = "reachable" if img["reachable"] else "UNREACHABLE"
+        if not img.get("reachable_known", True):
+            reach = f"last-known:{reach.lower()}"
         extra = ""
         if img["role"] == "slave":
             extra = (f" fracture:{img['fracture_extents']} "
