@@ -208,3 +208,91 @@ def unit(tmp_path: Path) -> Path:
     run_fm("create", str(u), "--size", "64M")
     run_fm("activate", str(u))
     return u
+
+
+# ---- slave agents -------------------------------------------------------------------------------
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Agent:
+    root: Path
+    port: int
+    secret_file: Path
+    log: Path
+    proc: subprocess.Popen | None = None
+    host: str = "127.0.0.1"
+    prefix: list[str] = field(default_factory=list)   # e.g. ["ip", "netns", "exec", "ns"]
+    expected_errors: list[str] = field(default_factory=list)
+
+    def address(self, name: str) -> str:
+        return f"{self.host}:{self.port}/{name}"
+
+    def start(self) -> None:
+        assert self.proc is None or self.proc.poll() is not None
+        logf = open(self.log, "a")
+        self.proc = subprocess.Popen(
+            [*self.prefix, FM, "serve", str(self.root), "--listen", f"{self.host}:{self.port}",
+             "--secret-file", str(self.secret_file)],
+            stdout=logf, stderr=subprocess.STDOUT, env=_env(None))
+        wait_for(lambda: "agent serving" in self.log.read_text() and
+                 self.log.read_text().count("agent serving") > self._starts or
+                 self.proc.poll() is not None, what="agent start")
+        assert self.proc.poll() is None, self.log.read_text()
+        self._starts = self.log.read_text().count("agent serving")
+
+    _starts: int = 0
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def secret_file(tmp_path: Path) -> Path:
+    p = tmp_path / "secret"
+    p.write_text("correct horse battery staple 42\n")
+    p.chmod(0o600)
+    return p
+
+
+@pytest.fixture
+def agent_factory(tmp_path: Path, secret_file: Path) -> Iterator[Callable[..., Agent]]:
+    """``agent_factory(name="a", host="127.0.0.1", prefix=[])`` starts `fusemirror serve`;
+    every agent is killed at the end and its log checked for tracebacks."""
+    made: list[Agent] = []
+
+    def _agent(name: str = "agent", *, host: str = "127.0.0.1", prefix: list[str] | None = None,
+               start: bool = True) -> Agent:
+        root = tmp_path / f"{name}-root"
+        root.mkdir()
+        a = Agent(root, free_port(), secret_file, tmp_path / f"{name}.log", host=host,
+                  prefix=prefix or [])
+        a.log.touch()
+        made.append(a)
+        if start:
+            a.start()
+        return a
+
+    yield _agent
+    problems = []
+    for a in made:
+        a.kill()
+        for line in a.log_text().splitlines():
+            if ("Traceback" in line or " ERROR " in line) and \
+                    not any(re.search(p, line) for p in a.expected_errors):
+                problems.append(f"{a.log}: {line}")
+    if problems:
+        pytest.fail("agent logged unexpected errors:\n" + "\n".join(problems[:20]))
