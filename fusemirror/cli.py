@@ -288,6 +288,64 @@ def status(dir: str, as_json: bool) -> None:
     _out(st, as_json, lambda: format_text(st))
 
 
+# ---- attributes -----------------------------------------------------------------------------
+def _attr_help() -> str:
+    from .mirrordb import IMAGE_ATTRS, MIRROR_ATTRS
+
+    lines = ["\b", "Mirror-wide attributes:"]
+    lines += [f"  {k:22} {a.help}" for k, a in MIRROR_ATTRS.items()]
+    lines += ["\b", "Per-image attributes (with --image NAME):"]
+    lines += [f"  {k:22} {a.help}" for k, a in IMAGE_ATTRS.items()]
+    return "\n".join(lines)
+
+
+@cli.command(epilog=_attr_help())
+@click.argument("dir", type=click.Path())
+@click.argument("key", required=False)
+@click.option("--image", metavar="NAME", help="Show one image's attributes.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def get(dir: str, key: str | None, image: str | None, as_json: bool) -> None:
+    """Show the mirror's attributes (or one KEY)."""
+    paths = require_unit(dir)
+    try:
+        attrs = control.request(paths.control, "get", image=image)
+    except control.NotRunning:
+        attrs = MirrorDB.load(paths.dir).get_attrs(image)
+    if key is not None:
+        if key not in attrs:
+            raise UsageError(f"unknown attribute {key!r}; valid: {', '.join(sorted(attrs))}")
+        attrs = {key: attrs[key]}
+    _out(attrs, as_json, lambda: "".join(f"{k} = {v}\n" for k, v in sorted(attrs.items())))
+
+
+@cli.command(name="set", epilog=_attr_help())
+@click.argument("dir", type=click.Path())
+@click.argument("settings", nargs=-1, required=True, metavar="KEY=VALUE...")
+@click.option("--image", metavar="NAME", help="Set attributes of one image (a slave's name).")
+def set_cmd(dir: str, settings: tuple[str, ...], image: str | None) -> None:
+    """Change attributes: all KEY=VALUE pairs are validated before any is applied."""
+    paths = require_unit(dir)
+    pairs = []
+    for item in settings:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise UsageError(f"bad setting {item!r}: use KEY=VALUE")
+        pairs.append((k.strip(), v.strip()))
+    from .unit import check_activity_log
+
+    check_activity_log(paths, pairs)
+
+    def offline() -> dict[str, Any]:
+        db = MirrorDB.load(paths.dir)
+        res = db.apply_settings(pairs, image)
+        db.save(paths.dir)
+        return res
+
+    res = _daemon_or_offline(paths, "set", offline, pairs=pairs, image=image)
+    for k, v in res.items():
+        click.echo(f"{k} = {v}")
+
+
 # ---- slaves ---------------------------------------------------------------------------------
 def _engine_op(paths: UnitPaths, cmd: str, offline: Callable[[Any], Any],
                **args: Any) -> Any:

@@ -255,6 +255,15 @@ class Daemon:
             return await admin.restore(self.engine, req["slave"])
         if cmd == "verify":
             return await admin.verify(self.engine, req.get("slave"))
+        if cmd == "set":
+            pairs = [tuple(p) for p in req["pairs"]]
+            res = self.db.apply_settings(pairs, req.get("image"))  # type: ignore[arg-type]
+            await self.engine.save_db()
+            for link in self.engine.links:
+                link.wake()
+            return res
+        if cmd == "get":
+            return self.db.get_attrs(req.get("image"))
         if cmd == "cleanup":
             return {"retired": await self.engine.cleanup(float(req.get("idle", 0)))}
         if cmd == "fault" and faults.ENABLED:

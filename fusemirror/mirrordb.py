@@ -250,7 +250,8 @@ class MirrorDB:
     def find_image(self, name: str) -> dict[str, Any]:
         """The image called ``name`` (its name, its address, or its id)."""
         for img in self.images:
-            if name in (img["name"], img.get("address"), img["id"]):
+            if name in (img["name"], img.get("address"), img["id"]) or \
+                    (img.get("address") or "").endswith("/" + name):
                 return img
         known = ", ".join(img["name"] for img in self.images)
         raise UsageError(f"no image {name!r} in mirror {self.name!r} (images: {known})")
@@ -259,14 +260,52 @@ class MirrorDB:
     def set_mirror_attr(self, key: str, value: Any) -> Any:
         """Validate and set a mirror-wide attribute; unknown keys and bad values list the valid."""
         if key not in MIRROR_ATTRS:
-            raise UsageError(f"unknown attribute {key!r}; valid: "
-                             + ", ".join(sorted(MIRROR_ATTRS) + sorted(IMAGE_ATTRS)))
+            hint = " (a per-image attribute: use --image NAME)" if key in IMAGE_ATTRS else ""
+            raise UsageError(f"unknown mirror attribute {key!r}{hint}; valid: "
+                             + ", ".join(sorted(MIRROR_ATTRS)))
         try:
             v = MIRROR_ATTRS[key].conv(value)
         except ValueError as e:
             raise UsageError(f"bad value {value!r} for {key}: expected {e}") from None
         self.mirror[key] = v
         return v
+
+    def set_image_attr(self, image: str, key: str, value: Any) -> Any:
+        """Validate and set a per-image attribute (timeout, sync_rate, recovery_policy)."""
+        img = self.find_image(image)
+        if key not in IMAGE_ATTRS:
+            raise UsageError(f"unknown image attribute {key!r}; valid: "
+                             + ", ".join(sorted(IMAGE_ATTRS)))
+        try:
+            v = IMAGE_ATTRS[key].conv(value)
+        except ValueError as e:
+            raise UsageError(f"bad value {value!r} for {key}: expected {e}") from None
+        img[key] = v
+        return v
+
+    def get_attrs(self, image: str | None = None) -> dict[str, Any]:
+        """Every attribute: mirror-wide, or of one image."""
+        if image is not None:
+            img = self.find_image(image)
+            return {k: img.get(k) for k in ("id", "name", "address", "role", "state", "cookie",
+                                            "timeout", "sync_rate", "sync_progress",
+                                            "recovery_policy")}
+        m = dict(self.mirror)
+        m["generation"] = self.data["generation"]["counter"]
+        return m
+
+    def apply_settings(self, pairs: list[tuple[str, str]], image: str | None) -> dict[str, Any]:
+        """Validate every KEY=VALUE first, then apply them all (all or nothing)."""
+        trial = self.copy()
+        out = {}
+        for k, v in pairs:
+            out[k] = trial.set_image_attr(image, k, v) if image else trial.set_mirror_attr(k, v)
+        for k, v in pairs:
+            if image:
+                self.set_image_attr(image, k, v)
+            else:
+                self.set_mirror_attr(k, v)
+        return out
 
 
 def atomic_write(path: str, payload: bytes) -> None:

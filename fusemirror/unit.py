@@ -240,6 +240,20 @@ def journal_slots_for(activity_log_extents: int) -> int:
     return nslots
 
 
+def check_activity_log(paths: UnitPaths, pairs: list[tuple[str, str]]) -> None:
+    """Refuse an activity_log_extents the unit's journal cannot always recover."""
+    for k, v in pairs:
+        if k != "activity_log_extents" or not v.strip().isdigit():
+            continue
+        with open(paths.journal, "rb") as f:
+            nslots = journal_mod.Header.unpack(f.read(journal_mod.SLOT), paths.journal).nslots
+        cap = journal_mod.max_active_for(nslots) - 2048
+        if int(v) > cap:
+            raise UsageError(f"activity_log_extents={v} is more than this unit's journal "
+                             f"({nslots} slots) can hold: at most {cap}; create the mirror "
+                             "with --activity-log-extents to get a bigger journal")
+
+
 def validate_geometry(size: int, block_size: int, extent_size: int) -> None:
     if block_size < 512 or block_size & (block_size - 1):
         raise UsageError(f"block size {block_size} must be a power of two >= 512")
