@@ -48,6 +48,9 @@ active set as it stood just before the record where the checkpoint began. Checkp
 each other without a gap, so whatever the ring has overwritten, it still holds a complete
 checkpoint (the writer keeps checkpoint slices big enough for that, see
 :attr:`Journal.max_active`), and the active set is that checkpoint plus the deltas after it.
+A writer that opens a journal whose last checkpoint is incomplete carries on with that
+checkpoint (the scan rebuilds its entries) rather than begin a new one: abandoned checkpoints
+would push the newest complete one further back than the ring keeps.
 
 Recovery scan rules
 -------------------
@@ -190,6 +193,9 @@ class ScanResult:
     last_seq: int
     records: int
     torn_tail: bool
+    # The checkpoint the last record belongs to, if it is incomplete: (its first seq, its sorted
+    # entries, how many of them the log already holds). The next writer completes it.
+    open_checkpoint: tuple[int, list[int], int] | None = None
 
     @property
     def needs_recovery(self) -> bool:
@@ -201,6 +207,8 @@ def create(path: str, *, mirror_id: bytes, extent_size: int, nextents: int,
     """Write a new, empty journal at ``path`` crash-atomically (temporary file and rename)."""
     if nextents > MAX_EXTENTS:
         raise ValueError("too many extents for a version-1 journal")
+    if nslots < 8:
+        raise ValueError("a journal needs at least 8 ring slots")
     header = Header(nslots, extent_size, nextents, mirror_id, os.urandom(16))
     tmp = path + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -296,11 +304,29 @@ def scan(path: str, *, mirror_id: bytes | None = None) -> ScanResult:
         raise CorruptError(f"{path}: no complete checkpoint between records {a} and {b}: "
                            "the journal is corrupt")
     active = base
+    last_start = valid[b].ckpt_start
+    open_ckpt = None
     for s in range(start, b + 1):
+        if s == last_start and s > start:
+            open_ckpt = _open_checkpoint(valid, s, b, sorted(active))
         r = valid[s]
         active.difference_update(r.rets)
         active.update(r.adds)
-    return ScanResult(header, active, b, len(run), torn)
+    return ScanResult(header, active, b, len(run), torn, open_ckpt)
+
+
+def _open_checkpoint(valid: dict[int, Record], c: int, b: int,
+                     entries: list[int]) -> tuple[int, list[int], int] | None:
+    """The incomplete checkpoint begun at record ``c``, whose entries are ``entries`` (the
+    active set before ``c``), if records ``c..b`` carry a consistent prefix of it."""
+    done = 0
+    for s in range(c, b + 1):
+        r = valid[s]
+        if (r.ckpt_start != c or r.ckpt_total != len(entries) or r.ckpt_offset != done
+                or list(r.ckpt) != entries[done:done + len(r.ckpt)]):
+            return None
+        done += len(r.ckpt)
+    return (c, entries, done) if done < len(entries) else None
 
 
 def _slots(idx: Iterable[int]) -> str:
@@ -322,12 +348,16 @@ class Journal:
         self.max_active = max_active_for(self.nslots)
         self.active: set[int] = set(scan_result.active)
         self.seq = scan_result.last_seq
-        # Begin a fresh checkpoint with the next record: the entries of one left open by the
-        # previous process are not all known here.
+        # Complete the checkpoint the previous process left open, if any; otherwise begin a
+        # fresh one with the next record.
         self._ckpt_start = self.seq + 1
         self._ckpt_entries: list[int] = []
         self._ckpt_total = 0
         self._ckpt_offset = 0
+        if scan_result.open_checkpoint is not None:
+            self._ckpt_start, entries, self._ckpt_offset = scan_result.open_checkpoint
+            self._ckpt_entries = list(entries)
+            self._ckpt_total = len(entries)
         self.broken: OSError | None = None
         self.fd = os.open(path, os.O_RDWR | os.O_DSYNC | os.O_CLOEXEC)
         self.writes = 0
