@@ -258,14 +258,21 @@ async def run_headless(paths: UnitPaths, fn: Callable[[Engine], Awaitable[T]]) -
     engine = Engine(paths.dir, db, journal, image)
     try:
         make_links(engine, paths)
+        failure: Exception | None = None
+        result: Any = None
         async with trio.open_nursery() as n:
             await n.start(engine.run)
             try:
-                return await fn(engine)
+                result = await fn(engine)
+            except Exception as e:  # re-raised below, not wrapped in an exception group
+                failure = e
             finally:
                 with trio.CancelScope(shield=True):
                     await engine.close()
                 n.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        return result
     finally:
         for link in engine.links:
             link.fracture.close()

@@ -575,6 +575,13 @@ def fsck_cmd(args: tuple[str, ...]) -> None:
     sys.exit(fsck_main(list(args)))
 
 
+def _leaves(eg: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in eg.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning FusemirrorError into one line and its exit code."""
     try:
@@ -594,6 +601,13 @@ def main(argv: list[str] | None = None) -> None:
     except FusemirrorError as e:
         click.echo(f"fusemirror: {e.msg}", err=True)
         sys.exit(e.exitcode)
+    except BaseExceptionGroup as eg:
+        # trio nurseries wrap errors; a lone user-facing one is still just one line
+        leaves = _leaves(eg)
+        if len(leaves) == 1 and isinstance(leaves[0], FusemirrorError):
+            click.echo(f"fusemirror: {leaves[0].msg}", err=True)
+            sys.exit(leaves[0].exitcode)
+        raise
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
