@@ -152,9 +152,11 @@ async def start_sync(engine: Engine, name: str) -> dict[str, Any]:
     link = find_link(engine, name)
     if link.mode == "fractured":
         raise StateError(f"slave {link.name} is fractured; run `fusemirror restore` first")
-    link.image["sync_progress"] = 0
-    if link.state != states.UNSYNCHRONIZED:
-        link._set_state("sync_start")
+    resuming = link.state == states.SYNCHRONIZING and link.image.get("sync_progress")
+    if not resuming:
+        link.image["sync_progress"] = 0
+        if link.state != states.UNSYNCHRONIZED:
+            link._set_state("sync_start")
     link.sync_requested = True
     engine.db_changed()
     link.wake()

@@ -342,3 +342,56 @@ def test_add_slave_refusals_and_status_fields(tmp_path, agent_factory, secret_fi
     run_fm("remove-slave", str(unit), "s9")
     assert all(not i["name"].endswith("/s9") for i in m.status()["images"])
     assert (agent.root / "s9" / "image").exists(), "the slave's data stays"
+
+
+def test_offline_sync_is_killed_and_resumes(tmp_path, agent_factory, secret_file) -> None:
+    """`fusemirror sync` on an unmounted unit: killed half-way, run again, it resumes."""
+    import sys
+    import time
+
+    agent = agent_factory()
+    unit = tmp_path / "m"
+    run_fm("create", str(unit), "--size", "64M", "--secret-file", str(secret_file))
+    with open(unit / "image", "r+b") as f:
+        f.write(os.urandom(64 * MiB))
+    run_fm("add-slave", str(unit), agent.address("s1"))
+    run_fm("set", str(unit), "--image", "s1", "sync_rate=16M")
+    from conftest import FM
+
+    p = subprocess.Popen([FM, "sync", str(unit), "s1"], stderr=subprocess.PIPE, text=True)
+
+    def progress() -> int:
+        db = json.loads((unit / "mirror.json").read_text())
+        return next(i for i in db["images"] if i["role"] == "slave")["sync_progress"] or 0
+
+    wait_for(lambda: progress() >= 16 * MiB, what="persisted progress", timeout=60)
+    p.kill()
+    p.wait()
+    saved = progress()
+    assert 16 * MiB <= saved < 64 * MiB
+    run_fm("set", str(unit), "--image", "s1", "sync_rate=0")
+    t0 = time.monotonic()
+    r = run_fm("sync", str(unit), "s1")
+    assert "synchronized" in r.stdout
+    first = r.stderr.splitlines()[0]
+    pct = float(first.split(":")[1].split("%")[0])
+    assert pct >= 100.0 * saved / (64 * MiB) - 0.1, f"did not resume: {first}"
+    db = json.loads((unit / "mirror.json").read_text())
+    s1 = next(i for i in db["images"] if i["role"] == "slave")
+    assert s1["state"] in ("CONSISTENT", "SYNCHRONIZED") and s1["sync_progress"] is None
+    assert images_equal(unit / "image", agent.root / "s1" / "image")
+    assert time.monotonic() - t0 < 60 and sys.platform
+
+
+def test_slave_added_to_an_active_mirror_is_synchronized(tmp_path, agent_factory, secret_file,
+                                                         mounter) -> None:
+    agent = agent_factory()
+    m: Mounted = mounter(size="32M", create_args=("--secret-file", str(secret_file)))
+    with open(m.image, "r+b") as f:
+        f.write(os.urandom(8 * MiB))
+        os.fsync(f.fileno())
+    run_fm("add-slave", str(m.unit), agent.address("late"))
+    wait_for(lambda: streaming(m, "late"), what="automatic full sync", timeout=60)
+    assert slave_status(m, "late")["state"] == "CONSISTENT"
+    run_fm("umount", str(m.mnt))
+    assert images_equal(m.unit / "image", agent.root / "late" / "image")
