@@ -193,7 +193,10 @@ class Session:
         scope.cancel()
 
     async def _reader(self, send: trio.MemorySendChannel[P.Event]) -> None:
-        async with send:
+        # close synchronously: ``async with`` would checkpoint on the way out and let the
+        # applier see the closed channel (EOFError) and record it before the reader's error,
+        # logging a protocol error as "closed by peer"
+        with send:
             while True:
                 ev = await _next(self.conn, self.stream)
                 await send.send(ev)
@@ -233,15 +236,18 @@ class Session:
                 log.error("unit %s: fdatasync failed: %s", self.name, e)
                 return P.Error(ev.seq, e.errno or errno.EIO, str(e))
             return P.Ack(ev.seq)
-        if isinstance(ev, P.ReadDigests):
+        if isinstance(ev, (P.ReadDigests, P.Read)):
             self._check_range(u, ev.offset, ev.length)
-            data = await trio.to_thread.run_sync(_digests, u.image, ev.offset, ev.length,
-                                                 ev.block_size)
-            return P.Digests(ev.seq, data)
-        if isinstance(ev, P.Read):
-            self._check_range(u, ev.offset, ev.length)
-            data = await trio.to_thread.run_sync(u.image.pread, ev.offset, ev.length)
-            return P.Data(ev.seq, data)
+            try:
+                if isinstance(ev, P.ReadDigests):
+                    digests = await trio.to_thread.run_sync(_digests, u.image, ev.offset,
+                                                            ev.length, ev.block_size)
+                    return P.Digests(ev.seq, digests)
+                data = await trio.to_thread.run_sync(u.image.pread, ev.offset, ev.length)
+                return P.Data(ev.seq, data)
+            except OSError as e:
+                log.error("unit %s: read at %d failed: %s", self.name, ev.offset, e)
+                return P.Error(ev.seq, e.errno or errno.EIO, str(e))
         raise P.ProtocolError(f"unexpected {type(ev).__name__}")
 
     def _require_open(self, ev: P.Event) -> OpenUnit:
@@ -270,6 +276,10 @@ class Session:
             return P.Error(ev.seq, errno.EINVAL, e.msg)
         except OSError as e:
             return P.Error(ev.seq, e.errno or errno.EIO, f"{ev.op}: {e.strerror or e}")
+        except (KeyError, ValueError, TypeError, AttributeError, IndexError) as e:
+            # malformed arguments (a missing key, a size that is no number, a database that
+            # is no dict): a protocol error for this connection, not the agent's death
+            raise P.ProtocolError(f"malformed {ev.op!r} request: {e!r}") from None
         return P.Reply(ev.seq, result)
 
     async def _create(self, args: dict[str, Any]) -> dict[str, Any]:

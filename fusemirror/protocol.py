@@ -309,7 +309,7 @@ class Connection:
             self.state = "ERROR"
             raise
         except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError,
-                AttributeError, OverflowError) as e:
+                AttributeError, OverflowError, RecursionError) as e:
             self._fail(f"malformed frame type {ftype}: {e}")
         raise AssertionError("unreachable")
 
@@ -332,12 +332,12 @@ class Connection:
             if ftype != T_HELLO:
                 self._fail(f"frame type {ftype} before authentication")
             d = _unjson(p)
-            if d.get("version") != VERSION:
+            if type(d.get("version")) is not int or d["version"] != VERSION:
                 self._fail(f"protocol version {d.get('version')!r} not supported")
             unit, mirror, nonce = d["unit"], d["mirror"], bytes.fromhex(d["nonce"])
             if not isinstance(unit, str) or not valid_unit_name(unit):
                 self._fail(f"bad unit name {unit!r}")
-            if not isinstance(mirror, str) or len(mirror) > 256:
+            if not isinstance(mirror, str) or len(mirror) > 256 or not mirror.isprintable():
                 self._fail("bad mirror name")
             if len(nonce) != NONCE:
                 self._fail("bad nonce")
