@@ -20,6 +20,7 @@ sequence number N covers every write sent before it.
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import time
@@ -169,14 +170,15 @@ class Channel:
             if self.dead is not None:
                 raise self.dead
             seq = self.conn.next_seq()
-            frame = self.conn.send(make(seq))
+            parts = self.conn.send_parts(make(seq))
             w = _Waiter(seq, callback)
             self._waiters[seq] = w
             try:
-                await self.stream.send_all(frame)
+                for part in parts:
+                    await self.stream.send_all(part)
+                    self.bytes_sent += len(part)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
                 self.fail(LinkDown(f"send failed: {e}"))
-            self.bytes_sent += len(frame)
         return w
 
     async def call(self, make: Callable[[int], P.Event]) -> P.Event:
@@ -250,7 +252,7 @@ class SlaveLink:
         self.sync_started: float | None = None
         self.queued_bytes = 0
         self.backlog_blocks = 0
-        self._queue: list[_Entry] = []
+        self._queue: collections.deque[_Entry] = collections.deque()
         self._queue_event = trio.Event()
         self.catchup_bytes = 0
         self.last_error: str | None = None
@@ -354,7 +356,7 @@ class SlaveLink:
 
     def _overflow(self) -> None:
         """Async backlog full: drop what is queued (it becomes missed) and catch up later."""
-        dropped, self._queue = self._queue, []
+        dropped, self._queue = self._queue, collections.deque()
         for entry in dropped:
             self._finish(entry, False)
         log.warning("slave %s: write backlog overflow (%d blocks): falling back to its "
@@ -393,7 +395,7 @@ class SlaveLink:
             while not self._queue:
                 self._queue_event = trio.Event()
                 await self._queue_event.wait()
-            entry = self._queue.pop(0)
+            entry = self._queue.popleft()
 
             def done(w: _Waiter, entry: _Entry = entry) -> None:
                 ok = w.ok
@@ -534,7 +536,7 @@ class SlaveLink:
         for e, st in self.engine.extents.items():
             if self.unflushed(e, st):
                 self._miss([e])
-        dropped, self._queue = self._queue, []
+        dropped, self._queue = self._queue, collections.deque()
         for entry in dropped:
             self._finish(entry, False)
         if self.mode != "fractured":

@@ -218,6 +218,7 @@ class Connection:
         self._peer_nonce = b""
         self.state = "START" if role == "master" else "AWAIT_HELLO"
         self._buf = bytearray()
+        self._pos = 0          # start of the unread part of _buf
         self._out = bytearray()
         self._recv_seq = 0     # agent: last request seq received; master: last answer seq
         self._send_seq = 0     # master: last request seq sent
@@ -237,6 +238,12 @@ class Connection:
     def next_seq(self) -> int:
         self._send_seq += 1
         return self._send_seq
+
+    def send_parts(self, ev: Event) -> list[bytes]:
+        """Like :meth:`send`, as buffers to send in order (a write's data is not copied)."""
+        if isinstance(ev, Write) and self.role == "master" and self.authenticated:
+            return list(encode_write_parts(ev))
+        return [self.send(ev)]
 
     def send(self, ev: Event) -> bytes:
         """The bytes of an event this side may send now."""
@@ -279,8 +286,11 @@ class Connection:
     def receive_data(self, data: bytes) -> None:
         if self.state == "ERROR":
             raise ProtocolError("connection already failed")
+        if self._pos and self._pos >= len(self._buf) // 2:
+            del self._buf[:self._pos]      # compact now and then, not on every frame
+            self._pos = 0
         self._buf += data
-        if len(self._buf) > MAX_PAYLOAD + HEADER.size + (16 << 20):
+        if len(self._buf) - self._pos > MAX_PAYLOAD + HEADER.size + (16 << 20):
             self._fail("peer sends faster than it is read")
 
     def next_event(self) -> Event | None:
@@ -290,19 +300,24 @@ class Connection:
         """
         if self.state == "ERROR":
             raise ProtocolError("connection already failed")
-        if len(self._buf) < HEADER.size:
+        pos = self._pos
+        if len(self._buf) - pos < HEADER.size:
             return NEED_DATA
-        magic, version, ftype, length = HEADER.unpack_from(self._buf, 0)
+        magic, version, ftype, length = HEADER.unpack_from(self._buf, pos)
         if magic != MAGIC:
             self._fail("bad magic (not a fusemirror peer)")
         if version != VERSION:
             self._fail(f"protocol version {version} not supported (this side speaks {VERSION})")
         if length > MAX_PAYLOAD:
             self._fail(f"frame of {length} bytes exceeds the maximum {MAX_PAYLOAD}")
-        if len(self._buf) < HEADER.size + length:
+        if len(self._buf) - pos < HEADER.size + length:
             return NEED_DATA
-        payload = bytes(self._buf[HEADER.size:HEADER.size + length])
-        del self._buf[:HEADER.size + length]
+        start = pos + HEADER.size
+        payload = bytes(memoryview(self._buf)[start:start + length])
+        self._pos = start + length
+        if self._pos == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
         try:
             return self._dispatch(ftype, payload)
         except ProtocolError:
@@ -471,9 +486,19 @@ def _exact(p: bytes, n: int) -> None:
 
 
 def encode_write(ev: Write) -> bytes:
+    head, data = encode_write_parts(ev)
+    return head + data
+
+
+def encode_write_parts(ev: Write) -> tuple[bytes, bytes]:
+    """A WRITE frame as (header and digests, data), so the data is sent without a copy."""
     digests = block_digests(ev.data, ev.block_size)
-    head = _WRITE.pack(ev.seq, ev.offset, ev.block_size, len(digests))
-    return _frame(T_WRITE, head + struct.pack(f">{len(digests)}Q", *digests) + ev.data)
+    body = _WRITE.pack(ev.seq, ev.offset, ev.block_size, len(digests)) + \
+        struct.pack(f">{len(digests)}Q", *digests)
+    total = len(body) + len(ev.data)
+    if total > MAX_PAYLOAD:
+        raise ProtocolError(f"frame of {total} bytes exceeds the maximum")
+    return HEADER.pack(MAGIC, VERSION, T_WRITE, total) + body, ev.data
 
 
 def decode_write(p: bytes) -> Write:
@@ -481,7 +506,7 @@ def decode_write(p: bytes) -> Write:
     if bs < 512 or bs & (bs - 1) or bs > MAX_DATA:
         raise ValueError(f"bad block size {bs}")
     start = _WRITE.size + 8 * n
-    data = p[start:]
+    data = memoryview(p)[start:]
     if not data or len(data) > MAX_DATA or n != -(-len(data) // bs):
         raise ValueError("digest count does not match the data")
     want = struct.unpack_from(f">{n}Q", p, _WRITE.size)
@@ -490,4 +515,4 @@ def decode_write(p: bytes) -> Write:
         if a != b:
             raise ProtocolError(f"block {i} of write {seq} at offset {off} fails its xxh3 "
                                 "checksum")
-    return Write(seq, off, data, bs)
+    return Write(seq, off, data, bs)  # type: ignore[arg-type]  # a view, not a copy
