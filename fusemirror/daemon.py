@@ -87,6 +87,7 @@ def mount(unit_dir: str, mountpoint: str, opts: MountOptions) -> None:
     mnt = os.path.abspath(mountpoint)
     if opts.cache not in CACHE_MODES:
         raise UsageError(f"bad cache mode {opts.cache!r}: one of {', '.join(CACHE_MODES)}")
+    recover_if_auto(paths)
     precheck(paths, mnt)
     if opts.foreground:
         setup_logging(paths.log, foreground=True, debug=opts.debug)
@@ -153,6 +154,29 @@ def _say(fd: int, msg: str) -> None:
         os.write(fd, (msg + "\n").encode())
     except OSError:
         pass
+
+
+def recover_if_auto(paths: UnitPaths) -> None:
+    """With the master's recovery_policy=auto, an unclean unit is recovered before mounting."""
+    db = MirrorDB.load(paths.dir)
+    if db.self_image["role"] != "master" or db.self_image.get("recovery_policy") != "auto":
+        return
+    try:
+        needs = journal_mod.scan(paths.journal,
+                                 mirror_id=bytes.fromhex(db.mirror["id"])).needs_recovery
+    except CorruptError:
+        return  # a damaged journal needs an administrator: fsck -y
+    if not needs or lock_holder(paths) is not None:
+        return
+    from . import fsck
+
+    print(f"fusemirror: {paths.dir} was not stopped cleanly; recovering first "
+          "(recovery_policy=auto)", file=sys.stderr, flush=True)
+    code, summary = fsck.run(paths.dir, dry_run=False, yes=False, progress=True)
+    if code not in (fsck.FSCK_OK, fsck.FSCK_CORRECTED):
+        raise NeedsRecoveryError(f"automatic recovery failed: {summary.get('action')}; run "
+                                 f"`fsck.fusemirror {paths.dir}`")
+    fsck.print_summary(summary, sys.stderr)
 
 
 def set_io_flusher() -> None:

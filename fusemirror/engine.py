@@ -194,15 +194,9 @@ class Engine:
         try:
             await self._log_intents(exts)
             ok = False
-            entries = self._replicate(off, data, exts) if self.links else None
             try:
                 faults.crash_point("after-journal")
-                await self._io(len(data), self.image.pwrite, off, data)
-                faults.crash_point("after-master")
-                if entries:
-                    for entry in entries:
-                        await entry.done.wait()
-                    faults.crash_point("after-slaves")
+                await self._apply(off, data, exts)
                 ok = True
             except OSError as e:
                 self.stats["write_errors"] += 1
@@ -229,6 +223,34 @@ class Engine:
         self.stats["writes"] += 1
         self.stats["bytes_written"] += len(data)
         return len(data)
+
+    async def _apply(self, off: int, data: bytes, exts: range) -> None:
+        """The master write and the slave sends (patent FIG. 6 steps 608/610).
+
+        Normally they run together and may complete in any order. Crash tests force one order
+        (``FUSEMIRROR_WRITE_ORDER``) so each of claim 1's completion orders can be crashed in.
+        """
+        order = faults.WRITE_ORDER if self.links else "concurrent"
+        if order == "slave-first":
+            for entry in self._replicate(off, data, exts):
+                await entry.done.wait()
+            faults.crash_point("after-slave")
+            await self._io(len(data), self.image.pwrite, off, data)
+            faults.crash_point("after-master")
+            return
+        if order == "master-first":
+            await self._io(len(data), self.image.pwrite, off, data)
+            faults.crash_point("after-master")
+            for entry in self._replicate(off, data, exts):
+                await entry.done.wait()
+            faults.crash_point("after-slave")
+            return
+        entries = self._replicate(off, data, exts) if self.links else ()
+        await self._io(len(data), self.image.pwrite, off, data)
+        faults.crash_point("after-master")
+        for entry in entries:
+            await entry.done.wait()
+        faults.crash_point("after-slave")
 
     def _replicate(self, off: int, data: bytes, exts: range) -> list[Any]:
         """Start the slave sends of a host write (they run while the master writes).

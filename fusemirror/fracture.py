@@ -19,6 +19,7 @@ from typing import Iterable, Iterator
 
 import xxhash
 
+from . import faults
 from .errors import CorruptError
 from .mirrordb import fsync_dir
 
@@ -111,12 +112,25 @@ class FractureLog:
         self.count += changed if value else -changed
         for p in sorted(pages):
             chunk = bytes(self._bits[p * PAGE:(p + 1) * PAGE])
+            faults.before_write(self.path, self.fd, PAGE + p * PAGE, len(chunk))
             n = os.pwrite(self.fd, chunk, PAGE + p * PAGE)
             if n != len(chunk):
                 raise OSError(5, "short write to the fracture log")
         os.fdatasync(self.fd)
+        faults.synced(self.path)
         return changed
 
 
 def _sum(head: bytes | bytearray) -> int:
     return xxhash.xxh3_64_intdigest(bytes(head[:PAGE - 8]))
+
+
+def count(path: str) -> int:
+    """Extents in the fracture log at ``path`` (0 if there is none), read-only."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(PAGE)
+            data = f.read()
+    except FileNotFoundError:
+        return 0
+    return sum(bin(b).count("1") for b in data if b)

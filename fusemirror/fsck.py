@@ -31,6 +31,7 @@ from . import journal as journal_mod, states
 from .errors import BusyError, CorruptError, FusemirrorError
 from .image import Image
 from .mirrordb import MirrorDB
+from .sizes import format_size
 from .unit import UnitLock, require_unit
 
 log = logging.getLogger(__name__)
@@ -74,11 +75,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(unit_dir: str, *, dry_run: bool, yes: bool, checksum: bool = False) -> tuple[int, dict[str, Any]]:
+def run(unit_dir: str, *, dry_run: bool, yes: bool, checksum: bool = False,
+        progress: bool = False) -> tuple[int, dict[str, Any]]:
     """Check and repair one unit; returns (fsck exit code, summary)."""
     t0 = time.monotonic()
     paths = require_unit(unit_dir)
-    summary: dict[str, Any] = {"unit": paths.dir, "dry_run": dry_run}
+    summary: dict[str, Any] = {"unit": paths.dir, "dry_run": dry_run, "slaves": []}
     with UnitLock(paths, "fsck"):
         db = MirrorDB.load(paths.dir)
         if db.self_image["role"] != "master":
@@ -88,49 +90,119 @@ def run(unit_dir: str, *, dry_run: bool, yes: bool, checksum: bool = False) -> t
         try:
             scan = journal_mod.scan(paths.journal, mirror_id=mid)
         except CorruptError as e:
-            summary.update(journal="damaged", error=str(e), slaves=[])
+            summary.update(journal="damaged", error=str(e))
             if dry_run or not yes:
-                summary["action"] = "none (run with -y to rebuild the journal" + (
-                    " and fully resynchronize every slave)" if db.slaves else ")")
+                summary["action"] = ("none: the journal cannot be trusted; run with -y to "
+                                     "rebuild it" + (" and fully resynchronize every slave"
+                                                     if db.slaves else ""))
                 return FSCK_UNCORRECTED, summary
-            # No trustworthy record of what may differ: every slave needs a full sync.
-            img = Image(paths.image)
-            try:
-                img.fdatasync()
-            finally:
-                img.close()
-            for s in db.slaves:
-                s["state"] = "UNSYNCHRONIZED"
-            if db.slaves:
-                db.save(paths.dir)
+            _resync(paths, db, None, summary, checksum=False, progress=progress)
             journal_mod.reset(paths.journal, mirror_id=mid, extent_size=db.extent_size,
                               nextents=nextents)
-            summary.update(action="journal rebuilt; every slave marked UNSYNCHRONIZED",
-                           seconds=round(time.monotonic() - t0, 3))
+            summary["action"] = "journal rebuilt" + (
+                "; every reachable slave fully resynchronized" if db.slaves else "")
             _conditions_hold_again(db, paths.dir, summary)
+            db.save(paths.dir)
+            summary["seconds"] = round(time.monotonic() - t0, 3)
             return FSCK_CORRECTED, summary
+        logged = sorted(scan.active)
         summary.update(journal="ok", torn_tail=scan.torn_tail, last_seq=scan.last_seq,
-                       logged_extents=sorted(scan.active), slaves=[])
-        if not scan.active:
+                       logged_extents=logged)
+        if not logged:
             summary["action"] = "none: the journal names no extent"
             return FSCK_OK, summary
         if dry_run:
-            summary["action"] = f"would retire {len(scan.active)} intents"
+            summary["action"] = (f"would copy {len(logged)} logged extents to "
+                                 f"{len(db.slaves)} slave(s) and retire their intents")
             return FSCK_UNCORRECTED, summary
-        img = Image(paths.image)
-        try:
-            img.fdatasync()
-        finally:
-            img.close()
+        _resync(paths, db, logged, summary, checksum=checksum, progress=progress)
         j = journal_mod.Journal(paths.journal, scan)
         try:
-            j.append(rets=sorted(scan.active))
+            j.append(rets=logged)
         finally:
             j.close()
-        summary.update(action=f"retired {len(scan.active)} intents",
-                       seconds=round(time.monotonic() - t0, 3))
+        summary["action"] = f"retired {len(logged)} intents"
         _conditions_hold_again(db, paths.dir, summary)
+        db.save(paths.dir)
+        summary["seconds"] = round(time.monotonic() - t0, 3)
         return FSCK_CORRECTED, summary
+
+
+def _resync(paths: Any, db: MirrorDB, extents: list[int] | None, summary: dict[str, Any], *,
+            checksum: bool, progress: bool) -> None:
+    """Master durable first; then each slave gets the extents, or keeps them in its fracture
+    log when it cannot be reached (or needs a full sync anyway)."""
+    import trio
+
+    from . import admin
+    from .resync import SlaveGone, copy_to_slave
+
+    img = Image(paths.image)
+    try:
+        img.fdatasync()
+        secret = admin.unit_secret(paths) if db.slaves else b""
+        for slave in db.slaves:
+            res: dict[str, Any] = {"name": slave["name"]}
+            if slave["state"] == states.UNSYNCHRONIZED or slave.get("fractured"):
+                why = "fractured" if slave.get("fractured") else "UNSYNCHRONIZED (full sync pending)"
+                _fracture(paths, db, slave, extents, res, why)
+                summary["slaves"].append(res)
+                continue
+            bar = _Bar(f"fsck {slave['name']}") if progress else None
+            try:
+                res.update(trio.run(lambda: copy_to_slave(
+                    img, db, slave, secret, extents, checksum=checksum,
+                    progress=bar.update if bar else None)))
+                res["result"] = "copied"
+                if extents is None:
+                    slave["state"] = states.CONSISTENT
+                    slave["sync_progress"] = None
+                    admin.fracture_log(paths, db, slave).clear()
+            except SlaveGone as e:
+                _fracture(paths, db, slave, extents, res, f"unreachable: {e}")
+            summary["slaves"].append(res)
+    finally:
+        img.close()
+
+
+def _fracture(paths: Any, db: MirrorDB, slave: dict[str, Any], extents: list[int] | None,
+              res: dict[str, Any], why: str) -> None:
+    from . import admin
+
+    res["result"] = why
+    if extents is None:
+        slave["state"] = states.UNSYNCHRONIZED
+        slave["sync_progress"] = None
+        res["kept"] = "needs a full sync"
+        return
+    fl = admin.fracture_log(paths, db, slave)
+    try:
+        fl.add(extents)
+        res["kept_in_fracture_log"] = len(extents)
+    finally:
+        fl.close()
+
+
+class _Bar:
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+
+    def update(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - self.last < (0.1 if self.tty else 2.0):
+            return
+        self.last = now
+        pct = 100.0 * done / max(1, total)
+        if self.tty:
+            fill = int(30 * done / max(1, total))
+            sys.stderr.write(f"\r{self.label} [{'#' * fill}{'.' * (30 - fill)}] {pct:5.1f}%")
+            if done >= total:
+                sys.stderr.write("\n")
+        else:
+            sys.stderr.write(f"{self.label}: {done}/{total} extents ({pct:.0f}%)\n")
+        sys.stderr.flush()
 
 
 def _conditions_hold_again(db: MirrorDB, unit_dir: str, summary: dict[str, Any]) -> None:
@@ -142,7 +214,12 @@ def _conditions_hold_again(db: MirrorDB, unit_dir: str, summary: dict[str, Any])
         summary["action"] += "; mirror ATTENTION -> INACTIVE (run `fusemirror activate`)"
 
 
-def _print(summary: dict[str, Any]) -> None:
+def print_summary(summary: dict[str, Any], out: Any = None) -> None:
+    out = out or sys.stdout
+
+    def print(*a: Any) -> None:  # noqa: A001 - local, to the chosen stream
+        out.write(" ".join(str(x) for x in a) + "\n")
+
     print(f"fsck.fusemirror {summary['unit']}:")
     if summary.get("journal") == "damaged":
         print(f"  journal DAMAGED: {summary['error']}")
@@ -150,6 +227,16 @@ def _print(summary: dict[str, Any]) -> None:
         n = len(summary.get("logged_extents", []))
         torn = " (torn last record ignored)" if summary.get("torn_tail") else ""
         print(f"  journal ok{torn}: {n} logged extents")
+    for s in summary.get("slaves", []):
+        if s.get("result") == "copied":
+            skipped = f", {s['skipped']} already equal" if s.get("skipped") else ""
+            print(f"  slave {s['name']}: copied {s['extents']} extents "
+                  f"({format_size(s['bytes'])}){skipped} in {s['seconds']:.3f}s")
+        else:
+            kept = s.get("kept_in_fracture_log")
+            print(f"  slave {s['name']}: {s['result']}; "
+                  + (f"{kept} extents kept in its fracture log" if kept is not None
+                     else s.get("kept", "")))
     print(f"  action: {summary.get('action')}")
     if "seconds" in summary:
         print(f"  time: {summary['seconds']:.3f}s")
@@ -163,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         print("fsck.fusemirror: -n and -y exclude each other", file=sys.stderr)
         return FSCK_USAGE
     try:
-        code, summary = run(args.dir, dry_run=args.no, yes=args.yes, checksum=args.checksum)
+        code, summary = run(args.dir, dry_run=args.no, yes=args.yes, checksum=args.checksum,
+                            progress=True)
     except BusyError as e:
         print(f"fsck.fusemirror: {e.msg}; unmount it first", file=sys.stderr)
         return FSCK_ERROR
@@ -177,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.as_json:
         print(json.dumps(summary, indent=2, sort_keys=True))
     else:
-        _print(summary)
+        print_summary(summary)
     return code
 
 

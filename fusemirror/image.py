@@ -30,6 +30,7 @@ class Image:
     def pwrite(self, off: int, data: bytes | memoryview) -> None:
         """Write all of ``data`` at ``off``; a short write that makes no progress is ENOSPC."""
         faults.check("image.write")
+        faults.before_write(self.path, self.fd, off, len(data))
         view = memoryview(data)
         while view:
             n = os.pwrite(self.fd, view, off)
@@ -58,3 +59,4 @@ class Image:
     def fdatasync(self) -> None:
         faults.check("image.flush")
         os.fdatasync(self.fd)
+        faults.synced(self.path)

@@ -413,7 +413,9 @@ class Journal:
         off = (1 + rec.seq % self.nslots) * SLOT
         try:
             faults.check("journal.write")
+            faults.before_write(self.path, self.fd, off, SLOT)
             n = os.pwrite(self.fd, buf, off)
+            faults.synced(self.path)   # O_DSYNC: durable once pwrite returns
             if n != SLOT:
                 raise OSError(5, f"short journal write ({n} of {SLOT} bytes)")
         except OSError as e:

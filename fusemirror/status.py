@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import journal as journal_mod
+import os
+
+from . import fracture, journal as journal_mod
 from .errors import CorruptError
 from .mirrordb import MirrorDB
 from .sizes import format_size
@@ -26,7 +28,8 @@ def base_status(paths: UnitPaths, db: MirrorDB) -> dict[str, Any]:
             "reachable": True if local else bool(img.get("reachable", False)),
             "reachable_known": local,
             "address": img.get("address"), "local": local,
-            "fracture_extents": int(img.get("fracture_extents", 0)),
+            "fracture_extents": 0 if local else fracture.count(
+                os.path.join(paths.fracture, img["id"])),
             "lag_bytes": int(img.get("lag_bytes", 0)),
             "sync_progress": img.get("sync_progress"),
         })

@@ -228,6 +228,7 @@ class Agent:
     proc: subprocess.Popen | None = None
     host: str = "127.0.0.1"
     prefix: list[str] = field(default_factory=list)   # e.g. ["ip", "netns", "exec", "ns"]
+    env: dict[str, str] = field(default_factory=dict)
     expected_errors: list[str] = field(default_factory=list)
 
     def address(self, name: str) -> str:
@@ -239,7 +240,7 @@ class Agent:
         self.proc = subprocess.Popen(
             [*self.prefix, FM, "serve", str(self.root), "--listen", f"{self.host}:{self.port}",
              "--secret-file", str(self.secret_file)],
-            stdout=logf, stderr=subprocess.STDOUT, env=_env(None))
+            stdout=logf, stderr=subprocess.STDOUT, env=_env(self.env))
         wait_for(lambda: "agent serving" in self.log.read_text() and
                  self.log.read_text().count("agent serving") > self._starts or
                  self.proc.poll() is not None, what="agent start")

@@ -8,6 +8,7 @@ import os
 import pwd
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -249,6 +250,7 @@ def nonroot_user() -> str:
 def test_nonroot_owner_can_mount_and_umount(nonroot_user: str, tmp_path: Path) -> None:
     import tempfile
 
+    opened = _open_path_to(Path(sys.executable).parent)
     base = Path(tempfile.mkdtemp(prefix="fm-nonroot-"))
     os.chmod(base, 0o755)
     pw = pwd.getpwnam(nonroot_user)
@@ -283,3 +285,16 @@ def test_nonroot_owner_can_mount_and_umount(nonroot_user: str, tmp_path: Path) -
         if pid and pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
         subprocess.run(["rm", "-rf", str(base)])
+        for d, mode in opened:
+            os.chmod(d, mode)
+
+
+def _open_path_to(d: Path) -> list[tuple[Path, int]]:
+    """Let other users traverse to the venv (a clone under /root is 0700); undone after."""
+    opened = []
+    for p in [d, *d.parents]:
+        mode = p.stat().st_mode & 0o7777
+        if not mode & 0o001:
+            os.chmod(p, mode | 0o001)
+            opened.append((p, mode))
+    return opened

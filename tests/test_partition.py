@@ -20,7 +20,13 @@ MiB = 1 << 20
 
 
 def sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True)
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, f"{' '.join(cmd)}: {r.stderr.strip()}"
+
+
+def in_ns(ns: str) -> list[str]:
+    """Run in the namespace's network only (nsenter: no /sys remount, works in a chroot)."""
+    return ["nsenter", f"--net=/run/netns/{ns}"]
 
 
 @pytest.fixture
@@ -35,12 +41,11 @@ def slave_host():
         sh("ip", "link", "set", there, "netns", ns)
         sh("ip", "addr", "add", f"{net}.1/24", "dev", here)
         sh("ip", "link", "set", here, "up")
-        sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{net}.2/24", "dev", there)
-        sh("ip", "netns", "exec", ns, "ip", "link", "set", there, "up")
-        sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        sh(*in_ns(ns), "ip", "addr", "add", f"{net}.2/24", "dev", there)
+        sh(*in_ns(ns), "ip", "link", "set", there, "up")
+        sh(*in_ns(ns), "ip", "link", "set", "lo", "up")
         yield {"ns": ns, "link": here, "addr": f"{net}.2"}
     finally:
-        subprocess.run(["ip", "netns", "pids", ns], capture_output=True)
         pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True,
                               text=True).stdout.split()
         for p in pids:
@@ -52,7 +57,7 @@ def slave_host():
 def test_partition_during_writes_then_heal(tmp_path: Path, agent_factory, secret_file,
                                            mounter, slave_host) -> None:
     agent = agent_factory("remote", host=slave_host["addr"],
-                          prefix=["ip", "netns", "exec", slave_host["ns"]])
+                          prefix=in_ns(slave_host["ns"]))
     unit = tmp_path / "m"
     run_fm("create", str(unit), "--size", "256M", "--secret-file", str(secret_file))
     run_fm("add-slave", str(unit), agent.address("s1"))
