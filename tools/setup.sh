@@ -34,5 +34,15 @@ fi
 [ -x "$VENV/bin/python" ] || $PY -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -U pip >/dev/null
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[test]'
+# fsck(8) finds checkers by name in /sbin and on PATH: `fsck -t fusemirror DIR` works once
+# fsck.fusemirror is on root's PATH. Link both commands (only where nothing else is there).
+if [ "$(id -u)" = 0 ]; then
+    for cmd in fusemirror fsck.fusemirror; do
+        dst=/usr/local/sbin/$cmd
+        if [ ! -e "$dst" ] || [ -L "$dst" ]; then
+            ln -sfn "$(readlink -f "$VENV/bin/$cmd")" "$dst"
+        fi
+    done
+fi
 touch "$VENV/.fusemirror-installed"
 echo "setup: ready ($VENV)"
