@@ -84,7 +84,15 @@ def find_link(engine: Engine, name: str) -> SlaveLink:
 # ---- operations -------------------------------------------------------------------------------
 async def add_slave(engine: Engine, paths: UnitPaths, addr: str, *, synchronized: bool,
                     secret: bytes) -> dict[str, Any]:
-    """Make the agent create ROOT/NAME (the master's size) and add it to the mirror."""
+    """Make the agent create ROOT/NAME (the master's size) and add it to the mirror.
+
+    An existing unit of this mirror rejoins: a former master (demoted) or a former slave is
+    taken back under its own image id and caught up from the extents it may differ in (its
+    journal and fracture logs, plus everything written here since it left), or fully synced
+    when it discarded its data. A unit that changed apart from this mirror is refused.
+    """
+    from . import lifecycle
+
     db = engine.db
     parse_address(addr)
     if any(img.get("address") == addr for img in db.images):
@@ -100,25 +108,77 @@ async def add_slave(engine: Engine, paths: UnitPaths, addr: str, *, synchronized
         chan = await Channel.connect(addr, secret, db.name)
     except LinkDown as e:
         raise FusemirrorError(f"cannot reach the agent: {e}") from None
+    res: dict[str, Any] = {}
+    failure: FusemirrorError | None = None
     try:
         async with trio.open_nursery() as n:
             n.start_soon(chan.receiver)
             try:
                 res = await chan.request("create", db=slave_db.data)
+                unit = res.get("unit")
+                if unit is not None:
+                    mode = lifecycle.check_rejoin(db, unit)
+                    owed = await _rejoin(engine, paths, addr, unit, mode, secret, synchronized)
+                    await chan.request("rejoin_done")
+                    state = f"rejoined: {'full sync' if mode == 'full' else 'extents'}"
+                    res["owed_extents"] = owed
             except OSError as e:
-                raise FusemirrorError(f"the agent refused: {e.strerror}") from None
+                failure = FusemirrorError(f"the agent refused: {e.strerror}")
             except LinkDown as e:
-                raise FusemirrorError(f"the agent closed the connection: {e}") from None
+                failure = FusemirrorError(f"the agent closed the connection: {e}")
+            except FusemirrorError as e:
+                failure = e
             n.cancel_scope.cancel()
     finally:
         await chan.aclose()
-    db.images.append(rec)
-    db.bump_generation()
-    await trio.to_thread.run_sync(db.save, paths.dir)
-    link = SlaveLink(engine, rec, secret, fracture_log(paths, db, rec))
-    engine.add_link(link)
+    if failure is not None:
+        raise failure
+    if res.get("unit") is None:
+        db.images.append(rec)
+        db.bump_generation()
+        await engine.save_db()
+        link = SlaveLink(engine, rec, secret, fracture_log(paths, db, rec))
+        engine.add_link(link)
     log.info("slave %s added to mirror %s (%s)", addr, db.name, state)
-    return {"name": addr, "state": state, "created": res.get("created")}
+    return {"name": addr, "state": state, "created": res.get("created"),
+            "owed_extents": res.get("owed_extents")}
+
+
+async def _rejoin(engine: Engine, paths: UnitPaths, addr: str, unit: dict[str, Any],
+                  mode: str, secret: bytes, synchronized: bool) -> int | None:
+    db = engine.db
+    rec = next((img for img in db.images if img["id"] == unit["image"]), None)
+    if rec is None:  # a unit of this mirror the database forgot (removed earlier)
+        rec = {"id": unit["image"], "name": addr, "role": "slave", "address": addr,
+               "state": states.SYNCHRONIZED if synchronized else states.UNSYNCHRONIZED,
+               "cookie": list(db.generation), "timeout": 5.0, "sync_rate": 0,
+               "sync_progress": None, "recovery_policy": "auto"}
+        db.images.append(rec)
+        engine.add_link(SlaveLink(engine, rec, secret, fracture_log(paths, db, rec)))
+    if rec["role"] != "slave":
+        raise StateError(f"{addr} holds image {rec['name']}, which this database lists as "
+                         f"{rec['role']}")
+    link = find_link(engine, rec["id"])
+    rec.update(address=addr, name=addr)
+    rec.pop("rejoin", None)
+    link.addr, link.name = addr, addr
+    extents = (unit.get("rejoin") or {}).get("extents", [])
+    if mode == "full":
+        rec["state"] = states.UNSYNCHRONIZED
+        rec["sync_progress"] = None
+    else:
+        rec["state"] = unit["state"] if unit["state"] != states.SYNCHRONIZED else \
+            states.CONSISTENT
+        if extents:
+            await trio.to_thread.run_sync(link.fracture.add, extents)
+    owed = None if mode == "full" else link.fracture_count()
+    db.bump_generation()
+    await engine.save_db()
+    link.wake()
+    log.info("unit %s rejoins mirror %s as a slave (%s; %d extents it may differ in, plus %d "
+             "written here since it left)", addr, db.name, mode, len(extents),
+             len(link.fracture))
+    return owed
 
 
 async def remove_slave(engine: Engine, paths: UnitPaths, name: str, *,

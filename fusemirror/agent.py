@@ -13,6 +13,7 @@ before the new one may write). The agent holds the lock of every unit it has ope
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import signal
@@ -21,15 +22,16 @@ from typing import Any
 import trio
 import xxhash
 
-from . import protocol as P
+from . import protocol as P, states
 from .errors import FusemirrorError, UsageError
 from .image import Image
-from .mirrordb import MirrorDB
+from .mirrordb import MirrorDB, atomic_write
 from .unit import UnitLock, UnitPaths, create_slave_unit, is_unit
 
 log = logging.getLogger("fusemirror.agent")
 
 HANDSHAKE_TIMEOUT = 10.0
+AGENT_CONTROL = ".fusemirror-agent.sock"
 RECV = 1 << 20
 
 
@@ -81,6 +83,30 @@ class Agent:
         if os.path.dirname(path) != self.root:
             raise P.ProtocolError(f"unit name {name!r} leaves the root")
         return path
+
+    async def release(self, name: str, by: str = "an administrator") -> None:
+        """Stop serving unit ``name``: fence its session and give up its lock."""
+        u = self.units.get(name)
+        if u is None:
+            return
+        if u.session is not None:
+            s = u.session
+            s.fenced = True
+            s.scope.cancel()
+            await s.done.wait()
+        self.units.pop(name, None)
+        u.close()
+        log.info("unit %s released (asked by %s)", name, by)
+
+    async def control(self, req: dict[str, Any]) -> Any:
+        """The agent's control socket (ROOT/.fusemirror-agent.sock): release a unit, status."""
+        if req["cmd"] == "release":
+            await self.release(str(req["unit"]))
+            return {"released": req["unit"]}
+        if req["cmd"] == "status":
+            return {"root": self.root, "units": sorted(self.units),
+                    "connections": self.connections}
+        raise UsageError(f"unknown agent command {req['cmd']!r}")
 
     async def serve(self, host: str, port: int, *,
                     task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -136,6 +162,13 @@ class Agent:
 
 class Fenced(Exception):
     pass
+
+
+class PromotedError(FusemirrorError):
+    """The unit a master asked for is a master itself (promoted): stale master or split."""
+
+    def __init__(self, generation: dict[str, Any]) -> None:
+        super().__init__("promoted:" + json.dumps(generation))
 
 
 async def _next(conn: P.Connection, stream: trio.abc.ReceiveStream) -> P.Event:
@@ -274,10 +307,26 @@ class Session:
                 result = await self._open(ev.args)
             elif ev.op == "db_write":
                 result = self._db_write(ev.args)
+            elif ev.op == "db_prepare":
+                result = self._db_prepare(ev.args)
+            elif ev.op == "db_commit":
+                result = self._db_commit(ev.args)
+            elif ev.op == "describe":
+                if not is_unit(self.path):
+                    raise FusemirrorError(f"no unit {self.name} under {self.agent.root}")
+                db = MirrorDB.load(self.path)
+                result = {"db": db.data, "unit": self._summary(db),
+                          "served": self.name in self.agent.units}
+            elif ev.op == "rejoin_done":
+                result = self._rejoin_done()
+            elif ev.op == "promote":
+                result = await self._promote(ev.args)
             elif ev.op == "info":
                 result = self._info()
             else:
                 raise P.ProtocolError(f"unknown request {ev.op!r}")
+        except PromotedError as e:
+            return P.Error(ev.seq, errno.ESTALE, e.msg)
         except FusemirrorError as e:
             return P.Error(ev.seq, errno.EINVAL, e.msg)
         except OSError as e:
@@ -301,12 +350,22 @@ class Session:
                 raise FusemirrorError(f"unit {self.name} has {old.size} bytes, the mirror "
                                       f"{size}: refusing a size mismatch")
             log.info("unit %s exists for mirror %s: rejoining", self.name, db.name)
-            return {"created": False}
+            return {"created": False, "unit": self._summary(old)}
         if os.path.lexists(self.path):
             raise FusemirrorError(f"{self.path} exists and is not a fusemirror unit")
         await trio.to_thread.run_sync(create_slave_unit, self.path, db)
+        atomic_write(os.path.join(self.path, "secret"), self.agent.secret)
         log.info("unit %s created for mirror %s (%d bytes)", self.name, db.name, size)
         return {"created": True}
+
+    def _summary(self, db: MirrorDB) -> dict[str, Any]:
+        """What a master needs to know to take an existing unit back (rejoin)."""
+        from .lifecycle import rejoin_info
+
+        me = db.self_image
+        return {"name": self.name, "image": me["id"], "role": me["role"],
+                "state": me["state"], "generation": db.data["generation"],
+                "rejoin": rejoin_info(self.path)}
 
     async def _open(self, args: dict[str, Any]) -> dict[str, Any]:
         if not is_unit(self.path):
@@ -323,11 +382,24 @@ class Session:
             await old.done.wait()
         if existing is None:
             db = MirrorDB.load(self.path)
+            if db.self_image["role"] == "master":
+                g = db.data["generation"]
+                log.error("unit %s refused to a master: it was promoted (generation %d:%s); "
+                          "the master connecting is stale or split from it", self.name,
+                          g["counter"], g["id"])
+                raise PromotedError(g)
             existing = OpenUnit(UnitPaths(self.path), db)
             self.agent.units[self.name] = existing
         db = existing.db = MirrorDB.load(self.path)
         if args.get("mirror_id") != db.mirror["id"]:
             raise FusemirrorError(f"unit {self.name} belongs to another mirror ({db.name!r})")
+        if db.self_image["role"] == "master":
+            g = db.data["generation"]
+            log.error("unit %s refused to a master: it was promoted (generation %d:%s); the "
+                      "master connecting is stale or split from it", self.name, g["counter"],
+                      g["id"])
+            self._release_unit(existing)
+            raise PromotedError(db.data["generation"])
         if int(args.get("size", -1)) != existing.image.size:
             raise FusemirrorError(f"unit {self.name} has {existing.image.size} bytes, the "
                                   f"master {args.get('size')}")
@@ -336,14 +408,86 @@ class Session:
         return self._info()
 
     def _db_write(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The master's copy of the database, for the unit it has open (same or newer only)."""
         u = self._require_open(P.Request(0, "db_write"))
-        db = MirrorDB(args["db"])
-        if db.mirror["id"] != u.db.mirror["id"]:
-            raise FusemirrorError("database of another mirror")
-        db.data["self"] = u.db.data["self"]
+        db = self._accept_db(args["db"], MirrorDB.load(u.paths.dir))
         db.save(u.paths.dir)
         u.db = db
         return {"generation": list(db.generation)}
+
+    def _accept_db(self, data: dict[str, Any], current: MirrorDB) -> MirrorDB:
+        db = MirrorDB(data)
+        if db.mirror["id"] != current.mirror["id"]:
+            raise FusemirrorError("database of another mirror")
+        if current.self_image["role"] == "master":
+            raise FusemirrorError(f"unit {self.name} is a master now; it takes no database "
+                                  "from another member")
+        rel = db.relation(current.data["generation"])
+        if rel not in ("same", "ahead") and \
+                current.self_image["state"] != states.UNSYNCHRONIZED:
+            raise FusemirrorError(f"database generation {db.generation[0]} is {rel} of this "
+                                  f"unit's {current.generation[0]}: refused")
+        db.data["self"] = current.data["self"]
+        if not any(img["id"] == db.data["self"] for img in db.images):
+            raise FusemirrorError(f"the database no longer lists unit {self.name}")
+        return db
+
+    def _db_prepare(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Phase one of a database change: validated and stored aside, not yet current."""
+        if not is_unit(self.path):
+            raise FusemirrorError(f"no unit {self.name}")
+        db = self._accept_db(args["db"], MirrorDB.load(self.path))
+        atomic_write(os.path.join(self.path, "mirror.json.prepared"),
+                     json.dumps(db.data).encode())
+        return {"prepared": list(db.generation)}
+
+    def _db_commit(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Phase two: the prepared copy becomes current (if it is the generation named)."""
+        pp = os.path.join(self.path, "mirror.json.prepared")
+        try:
+            with open(pp) as f:
+                db = MirrorDB(json.load(f))
+        except FileNotFoundError:
+            raise FusemirrorError("nothing prepared") from None
+        if list(db.generation) != list(args["generation"]):
+            raise FusemirrorError("the prepared generation differs from the committed one")
+        db.save(self.path)
+        os.unlink(pp)
+        u = self.agent.units.get(self.name)
+        if u is not None:
+            u.db = db
+        log.info("unit %s: mirror database generation %d committed", self.name,
+                 db.generation[0])
+        return {"generation": list(db.generation)}
+
+    def _rejoin_done(self) -> dict[str, Any]:
+        try:
+            os.unlink(os.path.join(self.path, "rejoin.json"))
+        except FileNotFoundError:
+            pass
+        return {}
+
+    def _release_unit(self, u: OpenUnit) -> None:
+        if self.agent.units.get(self.name) is u:
+            del self.agent.units[self.name]
+        u.close()
+        self.unit = None
+
+    async def _promote(self, args: dict[str, Any]) -> dict[str, Any]:
+        """`fusemirror promote HOST:PORT/NAME`: release the unit, promote it, push the change."""
+        from . import lifecycle
+        from .unit import UnitLock
+
+        await self.agent.release(self.name, by=self.peer)
+        paths = UnitPaths(self.path)
+        with UnitLock(paths, "promote"):
+            db = lifecycle.promote(paths, force=bool(args.get("force")))
+        res = await lifecycle.push_db(db, self.agent.secret)
+        with UnitLock(paths, "promote"):
+            db.save(paths.dir)
+        log.info("unit %s promoted to master of %s; the agent no longer serves it", self.name,
+                 db.name)
+        return {"generation": list(db.generation), "members": res}
 
     def _info(self) -> dict[str, Any]:
         u = self.unit
@@ -369,8 +513,12 @@ async def run_agent(root: str, listen: str, secret_file: str,
     if not os.path.isdir(root):
         raise UsageError(f"{root}: no such directory")
     agent = Agent(root, read_secret(secret_file))
+    from . import control
+
     async with trio.open_nursery() as nursery:
         bound = await nursery.start(agent.serve, host, port)
+        await nursery.start(control.serve, os.path.join(agent.root, AGENT_CONTROL),
+                            agent.control)
         task_status.started(bound)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
             async for sig in sigs:

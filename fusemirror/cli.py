@@ -271,15 +271,26 @@ def umount(mountpoint: str, force: bool, timeout: float) -> None:
 
 # ---- status ---------------------------------------------------------------------------------
 @cli.command()
-@click.argument("dir", type=click.Path())
+@click.argument("dir", metavar="DIR|HOST:PORT/NAME")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (keys: name, state, "
               "write_policy, journal{active_extents, extents}, needs_recovery, images[...]).")
-def status(dir: str, as_json: bool) -> None:
+@click.option("--secret-file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="The agents' shared secret (for HOST:PORT/NAME).")
+def status(dir: str, as_json: bool, secret_file: str | None) -> None:
     """Show the mirror's state, its images and the journal.
 
     Works whether or not the mirror is mounted. After an unclean stop it shows
-    needs_recovery and the logged extents.
+    needs_recovery and the logged extents. Given HOST:PORT/NAME, any member (a slave's agent)
+    answers for the whole mirror from its copy of the mirror database: the other members with
+    their last known state.
     """
+    if _is_address(dir):
+        from .status import remote_status
+
+        res = _remote(dir, secret_file, "describe")
+        st = remote_status(dir, res)
+        _out(st, as_json, lambda: format_text(st))
+        return
     paths = require_unit(dir)
     try:
         st = control.request(paths.control, "status", timeout=30)
@@ -440,7 +451,9 @@ def add_slave(dir: str, address: str, synchronized: bool, secret_file: str | Non
                                      secret=admin.unit_secret(paths))
 
     res = _engine_op(paths, "add_slave", offline, address=address, synchronized=synchronized)
-    _out(res, as_json, f"slave {res['name']} added ({res['state']})\n")
+    owed = f"; {res['owed_extents']} extents to copy" if res.get("owed_extents") is not None \
+        else ""
+    _out(res, as_json, f"slave {res['name']} added ({res['state']}{owed})\n")
 
 
 @cli.command(name="remove-slave")
@@ -566,6 +579,145 @@ def verify(dir: str, slave: str | None, as_json: bool) -> None:
         sys.exit(EXIT_FAILURE)
 
 
+# ---- roles ----------------------------------------------------------------------------------
+def _is_address(text: str) -> bool:
+    return ":" in text and "/" in text and not os.path.isdir(text)
+
+
+def _release_from_agent(paths: UnitPaths) -> None:
+    """If an agent serves this unit (ROOT/NAME), ask it to let go of the unit's lock."""
+    from .agent import AGENT_CONTROL
+
+    sock = os.path.join(os.path.dirname(paths.dir), AGENT_CONTROL)
+    if lock_holder(paths) is None or not os.path.exists(sock):
+        return
+    try:
+        control.request(sock, "release", unit=os.path.basename(paths.dir), timeout=30)
+    except control.NotRunning:
+        pass
+
+
+def _push(paths: UnitPaths, db: MirrorDB) -> dict[str, str]:
+    """Send a committed change to every reachable member (prepare/commit)."""
+    import trio
+
+    from . import admin, lifecycle
+
+    if not any(i.get("address") for i in db.images if i["id"] != db.data["self"]):
+        return {}
+    try:
+        secret = admin.unit_secret(paths)
+    except UsageError:
+        return {"*": "no shared secret in the unit: other members not told"}
+    res = trio.run(lambda: lifecycle.push_db(db, secret))
+    db.save(paths.dir)
+    return res
+
+
+def _remote(address: str, secret_file: str | None, op: str, **args: Any) -> Any:
+    import trio
+
+    from .agent import read_secret
+    from .link import Channel, LinkDown
+
+    if not secret_file:
+        raise UsageError(f"{address}: pass --secret-file FILE (the agents' shared secret)")
+    secret = read_secret(secret_file)
+
+    async def go() -> Any:
+        try:
+            chan = await Channel.connect(address, secret, args.pop("mirror", "") or "")
+        except LinkDown as e:
+            raise FusemirrorError(f"cannot reach {address}: {e}") from None
+        out: dict[str, Any] = {}
+        try:
+            async with trio.open_nursery() as n:
+                n.start_soon(chan.receiver)
+                try:
+                    out["r"] = await chan.request(op, **args)
+                except (OSError, LinkDown) as e:
+                    out["e"] = FusemirrorError(f"{address}: {getattr(e, 'strerror', None) or e}")
+                n.cancel_scope.cancel()
+        finally:
+            await chan.aclose()
+        if "e" in out:
+            raise out["e"]
+        return out["r"]
+
+    return trio.run(go)
+
+
+@cli.command()
+@click.argument("target", metavar="DIR|HOST:PORT/NAME")
+@click.option("--force", is_flag=True,
+              help="Promote even if the image is not SYNCHRONIZED/CONSISTENT or was UNREACHABLE "
+                   "since its last catch-up, and demote a master that cannot be asked.")
+@click.option("--secret-file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="The agents' shared secret (for HOST:PORT/NAME).")
+@click.option("--mirror", metavar="NAME", help="The mirror's name (for HOST:PORT/NAME).")
+def promote(target: str, force: bool, secret_file: str | None, mirror: str | None) -> None:
+    """Make a slave image the master (run it on the slave's host, or name its agent).
+
+    Preconditions (patent): the mirror has no master (demote it first), the slave is
+    SYNCHRONIZED or CONSISTENT and was not UNREACHABLE since its last catch-up; --force
+    overrides the last two and demotes a lost master. The agent stops serving the unit; mount
+    it with `fusemirror mount DIR MNT`, then `fusemirror activate DIR`. The change is recorded
+    in every reachable member's database with a new generation.
+    """
+    from . import lifecycle
+
+    if _is_address(target):
+        res = _remote(target, secret_file, "promote", force=force, mirror=mirror or "")
+        click.echo(f"{target} promoted to master (generation {res['generation'][0]})")
+        return
+    paths = require_unit(target)
+    _release_from_agent(paths)
+    with UnitLock(paths, "promote"):
+        db = lifecycle.promote(paths, force=force)
+        res = _push(paths, db)
+    told = ", ".join(f"{k}: {v}" for k, v in res.items()) or "no other member"
+    click.echo(f"{paths.dir} is now the master of {db.name!r} (generation "
+               f"{db.generation[0]}; {told}); mount it and activate")
+
+
+@cli.command()
+@click.argument("dir", type=click.Path())
+@click.option("--force", is_flag=True, help="Demote a master whose mirror is not INACTIVE "
+              "(a master that crashed).")
+@click.option("--discard", is_flag=True, help="Throw this unit's data away: it rejoins with a "
+              "full sync (the way out of a split brain).")
+def demote(dir: str, force: bool, discard: bool) -> None:
+    """Demote the master held in DIR to a slave; or, given a slave's unit directory, record that
+    its (lost) master is demoted.
+
+    A demoted master remembers the extents it may hold that the others do not (its journal and
+    its fracture logs); added again as a slave of the new master (`fusemirror add-slave NEWDIR
+    HOST:PORT/NAME`), it is caught up by those extents plus what was written since — not a full
+    copy. The mirror becomes INACTIVE in every reachable member.
+    """
+    from . import lifecycle
+
+    paths = require_unit(dir)
+    _release_from_agent(paths)
+    with UnitLock(paths, "demote"):
+        db = lifecycle.demote(paths, force=force, discard=discard)
+        res = _push(paths, db)
+    told = ", ".join(f"{k}: {v}" for k, v in res.items()) or "no other member reached"
+    click.echo(f"demoted ({told})")
+
+
+@cli.command()
+@click.argument("dir", type=click.Path())
+def destroy(dir: str) -> None:
+    """Destroy the mirror (INACTIVE, master, no slave left). DIR/image stays: the data is kept."""
+    from . import lifecycle
+
+    paths = require_unit(dir)
+    with UnitLock(paths, "destroy"):
+        lifecycle.destroy(paths)
+    click.echo(f"mirror destroyed; the data stays in {paths.dir}/image")
+
+
 @cli.command(name="fsck", context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def fsck_cmd(args: tuple[str, ...]) -> None:
@@ -607,6 +759,9 @@ def main(argv: list[str] | None = None) -> None:
         if len(leaves) == 1 and isinstance(leaves[0], FusemirrorError):
             click.echo(f"fusemirror: {leaves[0].msg}", err=True)
             sys.exit(leaves[0].exitcode)
+        if len(leaves) == 1 and isinstance(leaves[0], OSError):
+            click.echo(f"fusemirror: {leaves[0]}", err=True)
+            sys.exit(EXIT_FAILURE)
         raise
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

@@ -16,7 +16,7 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
-from .errors import EXIT_FAILURE, FusemirrorError
+from .errors import EXIT_FAILURE, FusemirrorError, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +83,17 @@ async def _serve_one(stream: trio.SocketStream, handler: Handler) -> None:
         try:
             result = await handler(req)
             reply: dict[str, Any] = {"ok": True, "result": result}
-        except FusemirrorError as e:
-            reply = {"ok": False, "error": e.msg, "exitcode": e.exitcode}
-        except OSError as e:
-            reply = {"ok": False, "error": f"{req['cmd']}: {e.strerror or e}",
-                     "exitcode": EXIT_FAILURE}
+        except Exception as raw:  # noqa: BLE001 - a failed command must not stop the daemon
+            e = unwrap(raw)
+            if isinstance(e, FusemirrorError):
+                reply = {"ok": False, "error": e.msg, "exitcode": e.exitcode}
+            elif isinstance(e, OSError):
+                reply = {"ok": False, "error": f"{req['cmd']}: {e.strerror or e}",
+                         "exitcode": EXIT_FAILURE}
+            else:
+                log.exception("control command %r failed", req["cmd"])
+                reply = {"ok": False, "error": f"{req['cmd']} failed: {e!r} (a bug; see the "
+                         "log)", "exitcode": EXIT_FAILURE}
         try:
             await stream.send_all(json.dumps(reply).encode() + b"\n")
         except (trio.BrokenResourceError, trio.ClosedResourceError):

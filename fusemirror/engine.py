@@ -468,6 +468,9 @@ class Engine:
 
     def conditions_hold(self) -> str | None:
         """None if the mirror may operate normally, else the reason it may not."""
+        for link in self.links:
+            if link.conflict:
+                return link.conflict
         if self.journal is not None and self.journal.broken is not None:
             return f"the journal failed ({self.journal.broken.strerror}); run fsck.fusemirror"
         if self._flush_failed is not None:
@@ -526,12 +529,29 @@ class Engine:
             await trio.sleep(0.05)
 
     async def save_db(self) -> None:
-        """Save the mirror database (crash-atomically), one save at a time."""
+        """Save the mirror database (crash-atomically), one save at a time, and send the new
+        copy to every connected slave."""
         async with self._db_lock:
             try:
                 await trio.to_thread.run_sync(self.db.save, self.unit_dir)
             except OSError as e:
                 log.error("saving the mirror database failed: %s", e)
+        if self._nursery is not None:
+            for link in self.links:
+                if link.chan is not None and link.chan.dead is None:
+                    self._nursery.start_soon(link.push_db)
+
+    def new_epoch(self, why: str) -> None:
+        """Start a new generation: this master now holds data some member lacks."""
+        counter, _ = self.db.bump_generation()
+        log.info("mirror %s: generation %d (%s)", self.db.name, counter, why)
+        self.db_changed()
+
+    def conflict(self, why: str) -> None:
+        """A member shows this master is stale or split from it: deny host I/O (ATTENTION)."""
+        self.attention_reason = why
+        if self._nursery is not None:
+            self._nursery.start_soon(self.condition_failed, why)
 
     def missing_images(self) -> int:
         return sum(1 for link in self.links if not link.reachable)

@@ -67,3 +67,11 @@ class NeedsRecoveryError(FusemirrorError):
 
 class CorruptError(FusemirrorError):
     """On-disk metadata (journal, mirror database) failed validation."""
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The one error inside (nested) exception groups, as trio nurseries wrap them; the
+    group itself when it holds several."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import json
 import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable
@@ -42,6 +43,10 @@ COPY_WINDOW = 8          # catch-up/sync copies in flight at once (bounds memory
 
 class LinkDown(Exception):
     """The connection to the slave failed; the reason is the message."""
+
+
+class Conflict(Exception):
+    """The slave's generation shows a split brain or a newer master."""
 
 
 class _Waiter:
@@ -258,6 +263,8 @@ class SlaveLink:
         self.last_error: str | None = None
         self._wake = trio.Event()
         self._stopping = False
+        self.conflict: str | None = None
+        self._epoch_open = False   # a new data epoch was started for this outage
         self.sync_requested = False
         self._window: list[_Entry] = []
         self._sync_from = 0
@@ -298,6 +305,7 @@ class SlaveLink:
             "last_error": self.last_error,
             "catchup_bytes": self.catchup_bytes,
             "recovery_policy": self.image.get("recovery_policy", "auto"),
+            "conflict": self.conflict,
         }
         if self.mode == "sync" and self.sync_started is not None:
             size = self.engine.size
@@ -313,6 +321,11 @@ class SlaveLink:
         self._stamp += 1
         for e in exts:
             self.missed[e] = self._stamp
+        if not self._epoch_open and self.missed:
+            # the master now holds data this slave does not: a new generation, so that a
+            # promotion of the slave meanwhile is recognised as a split brain later
+            self._epoch_open = True
+            self.engine.new_epoch(f"slave {self.name} missed writes")
 
     def route(self, off: int, data: bytes, exts: range, sts: list[Any],
               bounded: bool) -> _Entry | None:
@@ -475,8 +488,8 @@ class SlaveLink:
     async def run(self) -> None:
         """Connect, catch up, stream; on failure mark UNREACHABLE and retry every heartbeat."""
         while not self._stopping:
-            if self.mode == "fractured":
-                await self._nap(3600)
+            if self.mode == "fractured" or not self.addr:
+                await self._nap(3600)   # fractured, or a former master not yet rejoined
                 continue
             try:
                 chan = await Channel.connect(self.addr, self.secret, self.engine.db.name,
@@ -500,15 +513,22 @@ class SlaveLink:
             n.start_soon(chan.receiver)
             try:
                 with trio.fail_after(self.timeout):
-                    await chan.request("open", mirror_id=self.engine.db.mirror["id"],
-                                       size=self.engine.size)
+                    info = await chan.request("open", mirror_id=self.engine.db.mirror["id"],
+                                              size=self.engine.size)
+                    self._check_generation(info["db"])
                     await chan.request("db_write", db=self.engine.db.data)
             except (trio.TooSlowError, LinkDown, OSError) as e:
                 failure = LinkDown(f"the agent refused the unit: {e}" if isinstance(e, OSError)
                                    else f"opening the unit failed: {e}")
                 n.cancel_scope.cancel()
                 if isinstance(e, OSError):
-                    log.error("slave %s: %s", self.name, failure)
+                    if e.errno == errno.ESTALE and str(e.strerror).startswith("promoted:"):
+                        failure = LinkDown(self._conflict(json.loads(e.strerror[9:])))
+                    else:
+                        log.error("slave %s: %s", self.name, failure)
+            except Conflict as e:
+                failure = LinkDown(str(e))
+                n.cancel_scope.cancel()
             else:
                 await self._stream(chan, n)
         raise failure or LinkDown(str(chan.dead or "closed"))
@@ -528,6 +548,44 @@ class SlaveLink:
         n.start_soon(self._resync_loop)
         await chan.closed.wait()
         n.cancel_scope.cancel()
+
+    def _check_generation(self, unit_db: dict[str, Any]) -> None:
+        """The slave unit's copy of the database must not be newer than ours or apart."""
+        from .mirrordb import MirrorDB
+
+        other = MirrorDB(unit_db)
+        rel = self.engine.db.relation(other.data["generation"])
+        if rel in ("same", "ahead"):
+            return
+        if other.self_image["state"] == states.UNSYNCHRONIZED:
+            # its data was discarded (demote --discard): take it back with a full sync
+            log.warning("slave %s: its database changed apart (%s) but it discarded its data: "
+                        "full sync", self.name, rel)
+            self.image["state"] = states.UNSYNCHRONIZED
+            self.image["sync_progress"] = None
+            return
+        raise Conflict(self._conflict(other.data["generation"]))
+
+    def _conflict(self, theirs: dict[str, Any]) -> str:
+        """A slave that was promoted, or changed apart: this master must stop (FIG. 4)."""
+        rel = self.engine.db.relation(theirs)
+        mine = self.engine.db.data["generation"]
+        if rel == "diverged":
+            why = (f"split brain: slave {self.name} was promoted or changed apart (its "
+                   f"generation {theirs['counter']}:{theirs['id']}, ours "
+                   f"{mine['counter']}:{mine['id']}); nothing is merged. Keep one side: "
+                   f"`fusemirror umount` here and `fusemirror demote {self.engine.unit_dir} "
+                   "--discard` to discard this side's writes (or `demote --discard` the other)")
+        else:
+            why = (f"stale master: slave {self.name} was promoted (generation "
+                   f"{theirs['counter']}) after this master's last change; rejoin this unit "
+                   f"as a slave: `fusemirror umount`, `fusemirror demote "
+                   f"{self.engine.unit_dir}`, then add it from the new master")
+        if self.conflict != why:
+            log.error("%s", why)
+        self.conflict = why
+        self.engine.conflict(why)
+        return why
 
     def _down(self, why: str) -> None:
         was = self.reachable or self.chan is not None
@@ -653,6 +711,7 @@ class SlaveLink:
             return await self._catch_up()
         self.mode = "streaming"
         self.sync_requested = False
+        self._epoch_open = False
         self.image["unreachable_since_catchup"] = False
         self._set_state("sync_done")
         log.info("slave %s: caught up %d extents in %.2fs", self.name, len(todo),
@@ -701,10 +760,20 @@ class SlaveLink:
         self.image["sync_progress"] = None
         self.image["unreachable_since_catchup"] = False
         self.sync_requested = False
+        self._epoch_open = False
         self.mode = "streaming"
         self.sync_started = None
         self._set_state("sync_done")
         log.info("slave %s: full sync done", self.name)
+
+    async def push_db(self) -> None:
+        """Send the master's current database copy to the slave (ordered with the stream)."""
+        if self.chan is None:
+            return
+        try:
+            await self.call(lambda s: P.Request(s, "db_write", {"db": self.engine.db.data}))
+        except (LinkDown, OSError) as e:
+            log.warning("slave %s: database update not taken: %s", self.name, e)
 
     def stop(self) -> None:
         self._stopping = True

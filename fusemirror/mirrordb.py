@@ -247,6 +247,28 @@ class MirrorDB:
         del g["history"][:-HISTORY_KEEP]
         return g["counter"], g["id"]
 
+    def relation(self, other: dict[str, Any]) -> str:
+        """How this copy's generation relates to ``other`` (another member's "generation").
+
+        "same"; "behind" (ours is in their history: we missed changes); "ahead"; or
+        "diverged" (neither contains the other: both changed apart, e.g. a split brain).
+        """
+        mine = self.data["generation"]
+        a = (mine["counter"], mine["id"])
+        b = (other["counter"], other["id"])
+        if a == b:
+            return "same"
+        theirs = {tuple(x) for x in other.get("history", [])}
+        ours = {tuple(x) for x in mine.get("history", [])}
+        if a in theirs:
+            return "behind"
+        if b in ours:
+            return "ahead"
+        if mine["history"] and other.get("history") and \
+                min(x[0] for x in mine["history"]) > b[0]:
+            return "ahead"      # theirs is older than our whole remembered history
+        return "diverged"
+
     def find_image(self, name: str) -> dict[str, Any]:
         """The image called ``name`` (its name, its address, or its id)."""
         for img in self.images:

@@ -96,3 +96,27 @@ def format_text(st: dict[str, Any]) -> str:
     if st.get("needs_recovery"):
         lines.append(f"  needs recovery: run `fsck.fusemirror {st['unit']}`")
     return "\n".join(lines) + "\n"
+
+
+def remote_status(address: str, reply: dict[str, Any]) -> dict[str, Any]:
+    """Status as one member (reached through its agent) sees the whole mirror."""
+    db = MirrorDB(reply["db"])
+    me = db.self_image
+    images = []
+    for img in db.images:
+        local = img["id"] == me["id"]
+        images.append({
+            "name": img["name"], "role": img["role"], "state": img["state"],
+            "reachable": True if local else bool(img.get("reachable", False)),
+            "reachable_known": local, "address": img.get("address"), "local": local,
+            "fracture_extents": 0, "lag_bytes": 0, "sync_progress": img.get("sync_progress"),
+        })
+    counter, gid = db.generation
+    return {
+        "name": db.name, "state": db.state, "write_policy": db.mirror["write_policy"],
+        "unit": address, "role": me["role"], "size": db.size, "block_size": db.block_size,
+        "extent_size": db.extent_size, "generation": {"counter": counter, "id": gid},
+        "images": images, "running": bool(reply.get("served")), "mountpoint": None,
+        "answered_by": address, "journal": {"active_extents": None, "extents": []},
+        "needs_recovery": None,
+    }

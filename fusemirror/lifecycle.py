@@ -1,0 +1,258 @@
+"""Roles and the mirror's life: promote, demote, destroy, rejoin (patent: administrative
+operations), and pushing mirror-database changes to every reachable member.
+
+Every member keeps a full copy of the mirror database. A change of roles or configuration
+starts a new *generation* (counter + random id, with its history: the patent's cookie) and goes
+to every reachable member in two steps — ``db_prepare`` (stored aside) then ``db_commit``
+(made current) — so a member either has the whole change or none of it; a member that does not
+acknowledge is marked unreachable in the committed copy. Comparing generations tells a member
+that missed changes ("behind", brought up to date) from two members that changed apart
+("diverged": a split brain, never merged silently).
+
+These functions run on a unit directory whose lock the caller holds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import trio
+
+from . import fracture, journal as journal_mod, states
+from .errors import FusemirrorError, StateError
+from .link import Channel, LinkDown
+from .mirrordb import MirrorDB, atomic_write
+from .unit import UnitPaths
+
+log = logging.getLogger("fusemirror.lifecycle")
+
+REJOIN = "rejoin.json"
+
+
+# ---- pushing the database -------------------------------------------------------------------
+async def push_db(db: MirrorDB, secret: bytes, *, skip: set[str] = frozenset(),
+                  timeout: float = 5.0) -> dict[str, str]:
+    """Prepare, then commit, ``db`` on every member with an address (but ``skip``).
+
+    Returns {image name: "ok" | reason}. Members that fail are marked unreachable in ``db``.
+    """
+    results: dict[str, str] = {}
+    chans: dict[str, Channel] = {}
+
+    async def prepare(img: dict[str, Any]) -> None:
+        try:
+            chan = await Channel.connect(img["address"], secret, db.name, timeout=timeout)
+        except LinkDown as e:
+            results[img["name"]] = f"unreachable: {e}"
+            return
+        try:
+            async with trio.open_nursery() as n:
+                n.start_soon(chan.receiver)
+                try:
+                    with trio.fail_after(timeout):
+                        await chan.request("db_prepare", db=db.data)
+                    results[img["name"]] = "prepared"
+                    chans[img["name"]] = chan
+                except (LinkDown, OSError, trio.TooSlowError) as e:
+                    results[img["name"]] = f"refused: {e}"
+                if img["name"] not in chans:
+                    n.cancel_scope.cancel()
+                else:
+                    await commit_event.wait()
+                    try:
+                        with trio.fail_after(timeout):
+                            await chan.request("db_commit", generation=list(db.generation))
+                        results[img["name"]] = "ok"
+                    except (LinkDown, OSError, trio.TooSlowError) as e:
+                        results[img["name"]] = f"commit failed: {e}"
+                    n.cancel_scope.cancel()
+        finally:
+            await chan.aclose()
+
+    commit_event = trio.Event()
+    members = [img for img in db.images if img.get("address") and img["id"] not in skip
+               and img["id"] != db.data["self"]]
+    async with trio.open_nursery() as n:
+        for img in members:
+            n.start_soon(prepare, img)
+        with trio.move_on_after(timeout + 1):
+            while any(img["name"] not in results for img in members):
+                await trio.sleep(0.01)
+        for img in members:
+            if results.get(img["name"]) != "prepared":
+                img["reachable"] = False
+        commit_event.set()
+    return results
+
+
+# ---- promote / demote / destroy -------------------------------------------------------------
+def _demote_record(img: dict[str, Any]) -> None:
+    """Record an image as a former master: a slave to rejoin (address unknown until then)."""
+    img["role"] = "slave"
+    img["state"] = states.CONSISTENT
+    img["rejoin"] = True
+    img["address"] = img.get("agent_address")
+    img["reachable"] = False
+    img["recovery_policy"] = "auto"
+
+
+def promote(paths: UnitPaths, *, force: bool) -> MirrorDB:
+    """Make this slave unit the master (preconditions of the patent; --force overrides)."""
+    db = MirrorDB.load(paths.dir)
+    me = db.self_image
+    if me["role"] == "master":
+        raise StateError(f"{paths.dir} is already the master of mirror {db.name!r}")
+    master = db.master
+    if master is not None and not force:
+        raise StateError(
+            f"mirror {db.name!r} still has a master ({master['name']}); demote it first "
+            f"(`fusemirror demote DIR` on its host, or `fusemirror demote {paths.dir}` when it "
+            "is lost), or promote with --force")
+    if me["state"] not in (states.SYNCHRONIZED, states.CONSISTENT) and not force:
+        raise StateError(f"image {me['name']} is {me['state']}; only a SYNCHRONIZED or "
+                         "CONSISTENT slave can be promoted (--force takes its data as it is)")
+    if me.get("unreachable_since_catchup") and not force:
+        raise StateError(f"image {me['name']} was UNREACHABLE since its last catch-up and may "
+                         "lack writes; promote with --force to accept that")
+    if master is not None:
+        log.warning("promote --force: demoting master %s, which cannot be asked", master["name"])
+        _demote_record(master)
+    me["role"] = "master"
+    me["state"] = states.SYNCHRONIZED
+    me["recovery_policy"] = "manual"
+    me["address"] = None
+    me.pop("unreachable_since_catchup", None)
+    me.pop("fractured", None)
+    db.mirror["state"] = states.INACTIVE
+    db.bump_generation()
+    _reset_journal(paths, db)
+    db.save(paths.dir)
+    log.info("%s promoted to master of %s (generation %d)", paths.dir, db.name,
+             db.generation[0])
+    return db
+
+
+def demote(paths: UnitPaths, *, force: bool, discard: bool) -> MirrorDB:
+    """Demote the master held by this unit, or — on a slave unit — its lost master."""
+    db = MirrorDB.load(paths.dir)
+    me = db.self_image
+    if me["role"] == "slave":
+        master = db.master
+        if master is None:
+            raise StateError(f"mirror {db.name!r} has no master; promote a slave: "
+                             f"`fusemirror promote {paths.dir}`")
+        _demote_record(master)
+        db.mirror["state"] = states.INACTIVE
+        db.bump_generation()
+        db.save(paths.dir)
+        log.info("master %s demoted in %s's database", master["name"], paths.dir)
+        return db
+    if db.state != states.INACTIVE and not force:
+        raise StateError(f"mirror is {db.state}; run `fusemirror deactivate {paths.dir}` "
+                         "first (or demote --force a master that crashed)")
+    # What this unit may hold that the others do not: its logged extents and what its
+    # slaves missed. The new master copies exactly those back when it takes this unit.
+    divergent: set[int] = set()
+    damaged = None
+    try:
+        divergent |= journal_mod.scan(paths.journal,
+                                      mirror_id=bytes.fromhex(db.mirror["id"])).active
+    except Exception as e:  # CorruptError, OSError: the journal cannot say
+        damaged = str(e)
+    for img in db.slaves:
+        divergent |= set(_fracture_extents(paths, db, img))
+    me["role"] = "slave"
+    me["state"] = states.UNSYNCHRONIZED if (discard or damaged) else states.CONSISTENT
+    db.mirror["state"] = states.INACTIVE
+    atomic_write(os.path.join(paths.dir, REJOIN), json.dumps({
+        "image": me["id"], "generation": db.data["generation"], "discard": discard,
+        "damaged_journal": damaged, "extents": sorted(divergent)}).encode())
+    _reset_journal(paths, db)
+    for img in db.slaves:
+        try:
+            os.unlink(os.path.join(paths.fracture, img["id"]))
+        except FileNotFoundError:
+            pass
+    db.save(paths.dir)
+    log.info("%s demoted: a slave now (%s; %d extents to copy back when it rejoins)",
+             paths.dir, me["state"], len(divergent))
+    return db
+
+
+def destroy(paths: UnitPaths) -> None:
+    """Destroy the mirror (INACTIVE, master, no slave left): the data stays in DIR/image."""
+    db = MirrorDB.load(paths.dir)
+    if db.self_image["role"] != "master":
+        raise StateError(f"{paths.dir} holds a slave image; destroy runs on the master")
+    if db.state != states.INACTIVE:
+        raise StateError(f"mirror is {db.state}; run `fusemirror deactivate {paths.dir}` first")
+    if db.slaves:
+        names = ", ".join(s["name"] for s in db.slaves)
+        raise StateError(f"mirror still has slaves ({names}); remove them first: "
+                         f"`fusemirror remove-slave {paths.dir} SLAVE`")
+    scan = journal_mod.scan(paths.journal, mirror_id=bytes.fromhex(db.mirror["id"]))
+    if scan.needs_recovery:
+        raise StateError(f"{paths.dir} needs recovery; run `fsck.fusemirror {paths.dir}` first")
+    for name in (MirrorDB.FILENAME, journal_mod.FILENAME, "secret", REJOIN):
+        try:
+            os.unlink(os.path.join(paths.dir, name))
+        except FileNotFoundError:
+            pass
+    import shutil
+
+    shutil.rmtree(paths.fracture, ignore_errors=True)
+    log.info("mirror %s destroyed; %s/image is kept", db.name, paths.dir)
+
+
+def _reset_journal(paths: UnitPaths, db: MirrorDB) -> None:
+    journal_mod.reset(paths.journal, mirror_id=bytes.fromhex(db.mirror["id"]),
+                      extent_size=db.extent_size, nextents=-(-db.size // db.extent_size),
+                      keep_damaged=False)
+
+
+def _fracture_extents(paths: UnitPaths, db: MirrorDB, img: dict[str, Any]) -> list[int]:
+    path = os.path.join(paths.fracture, img["id"])
+    if not os.path.exists(path):
+        return []
+    try:
+        fl = fracture.FractureLog(path, -(-db.size // db.extent_size), db.extent_size,
+                                  img["id"])
+    except Exception:
+        return list(range(-(-db.size // db.extent_size)))  # unreadable: everything
+    try:
+        return list(fl.extents())
+    finally:
+        fl.close()
+
+
+def rejoin_info(unit_dir: str) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(unit_dir, REJOIN)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def check_rejoin(master_db: MirrorDB, summary: dict[str, Any]) -> str:
+    """Decide how a former member rejoins as a slave: "extents", "full", or raise.
+
+    ``summary`` is what the agent reports about the existing unit.
+    """
+    if summary["role"] == "master":
+        raise StateError(f"unit {summary['name']} is still a master (generation "
+                         f"{summary['generation']['counter']}); demote it on its host first: "
+                         f"`fusemirror demote DIR` (add --discard to throw away its writes)")
+    if summary["state"] == states.UNSYNCHRONIZED:
+        return "full"
+    rel = master_db.relation(summary["generation"])
+    if rel == "diverged":
+        raise FusemirrorError(
+            f"split brain: unit {summary['name']} changed apart from this mirror (its "
+            f"generation {summary['generation']['counter']}:{summary['generation']['id']}, "
+            f"ours {master_db.generation[0]}:{master_db.generation[1]}); nothing is merged. "
+            "Discard its data with `fusemirror demote DIR --discard` on its host, then add it "
+            "again (a full sync)")
+    return "extents"
