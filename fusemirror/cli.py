@@ -349,6 +349,7 @@ def set_cmd(dir: str, settings: tuple[str, ...], image: str | None) -> None:
     def offline() -> dict[str, Any]:
         db = MirrorDB.load(paths.dir)
         res = db.apply_settings(pairs, image)
+        db.bump_generation()
         db.save(paths.dir)
         return res
 

@@ -282,6 +282,7 @@ class Daemon:
         if cmd == "set":
             pairs = [tuple(p) for p in req["pairs"]]
             res = self.db.apply_settings(pairs, req.get("image"))  # type: ignore[arg-type]
+            self.db.bump_generation()
             await self.engine.save_db()
             for link in self.engine.links:
                 link.wake()

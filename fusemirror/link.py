@@ -770,8 +770,11 @@ class SlaveLink:
         """Send the master's current database copy to the slave (ordered with the stream)."""
         if self.chan is None:
             return
+        data = self.engine.db.data
+        gen = list(self.engine.db.generation)
         try:
-            await self.call(lambda s: P.Request(s, "db_write", {"db": self.engine.db.data}))
+            await self.call(lambda s: P.Request(s, "db_prepare", {"db": data}))
+            await self.call(lambda s: P.Request(s, "db_commit", {"generation": gen}))
         except (LinkDown, OSError) as e:
             log.warning("slave %s: database update not taken: %s", self.name, e)
 
