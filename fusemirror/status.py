@@ -71,7 +71,7 @@ def format_text(st: dict[str, Any]) -> str:
         where = f" in-use-by:{st['holder']}"
     lines = [f"{st['name']} role:{st['role']} state:{st['state']} "
              f"policy:{st['write_policy']} size:{format_size(st['size'])}{where}"]
-    for img in st["images"]:
+    for img in sorted(st["images"], key=lambda i: i["role"] != "master"):
         reach = "reachable" if img["reachable"] else "UNREACHABLE"
         if not img.get("reachable_known", True):
             reach = f"last-known:{reach.lower()}"
