@@ -79,8 +79,18 @@ def format_text(st: dict[str, Any]) -> str:
         if img["role"] == "slave":
             extra = (f" fracture:{img['fracture_extents']} "
                      f"lag:{format_size(img['lag_bytes'])}")
-            if img.get("sync_progress") is not None:
-                extra += f" sync:{img['sync_progress']}"
+            if img.get("mode"):
+                extra += f" link:{img['mode']}"
+            if img.get("last_heartbeat_age") is not None and img["reachable"]:
+                extra += f" heartbeat:{img['last_heartbeat_age']:.1f}s-ago"
+            sy = img.get("sync")
+            if sy:
+                eta = sy.get("eta_seconds")
+                extra += f" sync:{sy['percent']:.1f}%" + (f" eta:{eta:.0f}s" if eta else "")
+            elif img.get("sync_progress") is not None:
+                extra += f" sync-resumes-at:{format_size(img['sync_progress'])}"
+            if img.get("conflict"):
+                extra += " CONFLICT"
         lines.append(f"  {img['name']} role:{img['role']} state:{img['state']} {reach}{extra}")
     j = st.get("journal", {})
     if j.get("error"):
