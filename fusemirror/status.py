@@ -6,9 +6,8 @@ journal, and a last line saying what to do when something needs the administrato
 
 from __future__ import annotations
 
-from typing import Any
-
 import os
+from typing import Any
 
 from . import fracture, journal as journal_mod
 from .errors import CorruptError
@@ -17,8 +16,13 @@ from .sizes import format_size
 from .unit import UnitPaths, lock_holder
 
 
-def base_status(paths: UnitPaths, db: MirrorDB) -> dict[str, Any]:
-    """The part of the status that comes from the mirror database alone."""
+def base_status(paths: UnitPaths | None, db: MirrorDB, unit: str | None = None
+                ) -> dict[str, Any]:
+    """The part of the status that comes from a copy of the mirror database alone.
+
+    ``paths`` is the local unit (its fracture logs are counted); None for a member reached
+    over the network (``unit`` names it then).
+    """
     me = db.self_image
     images = []
     for img in db.images:
@@ -28,16 +32,17 @@ def base_status(paths: UnitPaths, db: MirrorDB) -> dict[str, Any]:
             "reachable": True if local else bool(img.get("reachable", False)),
             "reachable_known": local,
             "address": img.get("address"), "local": local,
-            "fracture_extents": 0 if local else fracture.count(
+            "fracture_extents": 0 if local or paths is None else fracture.count(
                 os.path.join(paths.fracture, img["id"])),
-            "lag_bytes": int(img.get("lag_bytes", 0)),
+            "lag_bytes": 0,
             "sync_progress": img.get("sync_progress"),
         })
     counter, gid = db.generation
     return {
         "name": db.name, "state": db.state, "write_policy": db.mirror["write_policy"],
-        "unit": paths.dir, "role": me["role"], "size": db.size, "block_size": db.block_size,
-        "extent_size": db.extent_size, "generation": {"counter": counter, "id": gid},
+        "unit": paths.dir if paths is not None else unit, "role": me["role"], "size": db.size,
+        "block_size": db.block_size, "extent_size": db.extent_size,
+        "generation": {"counter": counter, "id": gid},
         "images": images, "running": False, "mountpoint": None,
     }
 
@@ -110,23 +115,7 @@ def format_text(st: dict[str, Any]) -> str:
 
 def remote_status(address: str, reply: dict[str, Any]) -> dict[str, Any]:
     """Status as one member (reached through its agent) sees the whole mirror."""
-    db = MirrorDB(reply["db"])
-    me = db.self_image
-    images = []
-    for img in db.images:
-        local = img["id"] == me["id"]
-        images.append({
-            "name": img["name"], "role": img["role"], "state": img["state"],
-            "reachable": True if local else bool(img.get("reachable", False)),
-            "reachable_known": local, "address": img.get("address"), "local": local,
-            "fracture_extents": 0, "lag_bytes": 0, "sync_progress": img.get("sync_progress"),
-        })
-    counter, gid = db.generation
-    return {
-        "name": db.name, "state": db.state, "write_policy": db.mirror["write_policy"],
-        "unit": address, "role": me["role"], "size": db.size, "block_size": db.block_size,
-        "extent_size": db.extent_size, "generation": {"counter": counter, "id": gid},
-        "images": images, "running": bool(reply.get("served")), "mountpoint": None,
-        "answered_by": address, "journal": {"active_extents": None, "extents": []},
-        "needs_recovery": None,
-    }
+    st = base_status(None, MirrorDB(reply["db"]), unit=address)
+    st.update(running=bool(reply.get("served")), answered_by=address,
+              journal={"active_extents": None, "extents": []}, needs_recovery=None)
+    return st
