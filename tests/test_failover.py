@@ -136,7 +136,14 @@ def test_failover_and_back(tmp_path, agent_factory, secret_file, mounter) -> Non
     finally:
         fs.close()
 
-    # the old master comes back: demoted, it rejoins as a slave, caught up by extents
+    # the old master comes back: as a master it is refused (stale), by mount and by fsck
+    r = run_fm("mount", str(unit_a), str(ma.mnt), check=False)
+    assert r.returncode == 3 and "stale master" in r.stderr and "demote" in r.stderr
+    from conftest import run_fsck
+
+    r = run_fsck("-y", str(unit_a))
+    assert r.returncode == 8 and "stale master" in r.stderr
+    # demoted, it rejoins as a slave, caught up by extents
     logged_a = len(status(unit_a)["journal"]["extents"])
     assert logged_a > 0
     run_fm("deactivate", str(unit_a))
