@@ -44,6 +44,7 @@ T = TypeVar("T")
 
 CLEANUP_INTERVAL = 5.0   # seconds between lazy clean-ups
 IDLE_RETIRE = 10.0       # an extent idle this long is retired by the clean-up
+INTENT_READAHEAD = 3     # extents logged ahead of a sequential stream
 
 
 class ExtentState:
@@ -106,6 +107,7 @@ class Engine:
         self.open_handles = 0
         self.started = time.time()
         self.links: list[Any] = []          # SlaveLink, one per slave image
+        self._last_write_end = 0
         self._db_dirty = trio.Event()
         self._db_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
@@ -191,6 +193,7 @@ class Engine:
             self._drained = trio.Event()
         rng = await self._lock_range(off, end)
         exts = range(off // self.extent_size, (end - 1) // self.extent_size + 1)
+        self._last_write_end = end
         try:
             await self._log_intents(exts)
             ok = False
@@ -320,17 +323,20 @@ class Engine:
             else:
                 self.extents.move_to_end(e)
             st.inflight += 1
+        ahead = self._readahead(exts, limit) if new else []
         if new:
             self.stats["intent_misses"] += 1
             try:
-                await self.writer.commit(adds=new)
+                await self.writer.commit(adds=new + ahead)
             except OSError as err:
                 for e in new:
                     self.extents[e].error = err
                     self.extents[e].logged.set()
+                for e in ahead:
+                    self.extents.pop(e, None)
                 await self._journal_failed(err)
             else:
-                for e in new:
+                for e in new + ahead:
                     self.extents[e].logged.set()
         else:
             self.stats["intent_hits"] += 1
@@ -348,6 +354,28 @@ class Engine:
                 if st.error is not None and st.inflight == 0:
                     del self.extents[e]
             raise OSError(failed.errno, f"journal write failed: {failed.strerror}")
+
+    def _readahead(self, exts: range, limit: int) -> list[int]:
+        """Intents for the extents a sequential stream is about to reach, in the same record.
+
+        A write ending in the last quarter of its extent is likely followed by the next one;
+        naming the next few now saves a journal write per extent for sequential writes (each
+        costs an O_DSYNC round trip). They retire with the idle clean-up if no write comes.
+        """
+        end = exts.stop  # the extent after the write's last one
+        es = self.extent_size
+        last_used = self._last_write_end
+        if not (last_used % es >= es * 3 // 4 or last_used % es == 0):
+            return []
+        out = []
+        now = trio.current_time()
+        for e in range(end, min(end + INTENT_READAHEAD, -(-self.size // es))):
+            if e in self.extents or len(self.extents) + 1 > limit:
+                break
+            st = self.extents[e] = ExtentState(durable=False)
+            st.touched = now
+            out.append(e)
+        return out
 
     async def _make_room(self, missing: int, limit: int) -> bool:
         """Retire least recently written idle extents so ``missing`` new ones fit the bound.
