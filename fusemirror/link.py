@@ -131,14 +131,16 @@ class Channel:
 
     async def receiver(self) -> None:
         """Read answers until the connection ends; then fail every waiter."""
+        buf = memoryview(bytearray(1 << 18))
         try:
             while True:
                 ev = self.conn.next_event()
                 if ev is None:
-                    data = await self.stream.receive_some(1 << 20)
-                    if not data:
+                    # recv_into a reused buffer: receive_some allocates its maximum per read
+                    n = await self.stream.socket.recv_into(buf)
+                    if not n:
                         raise LinkDown("the agent closed the connection")
-                    self.conn.receive_data(data)
+                    self.conn.receive_data(buf[:n])
                     continue
                 self.last_rx = trio.current_time()
                 w = self._waiters.pop(ev.seq, None)  # type: ignore[union-attr]
