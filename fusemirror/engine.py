@@ -27,7 +27,7 @@ import errno
 import logging
 import os
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable, TypeVar
 
@@ -107,7 +107,7 @@ class Engine:
         self.open_handles = 0
         self.started = time.time()
         self.links: list[Any] = []          # SlaveLink, one per slave image
-        self._last_write_end = 0
+        self._recent_ends: deque[int] = deque(maxlen=16)  # where recent writes ended
         self._db_dirty = trio.Event()
         self._db_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
@@ -193,9 +193,10 @@ class Engine:
             self._drained = trio.Event()
         rng = await self._lock_range(off, end)
         exts = range(off // self.extent_size, (end - 1) // self.extent_size + 1)
-        self._last_write_end = end
+        sequential = off in self._recent_ends
+        self._recent_ends.append(end)
         try:
-            await self._log_intents(exts)
+            await self._log_intents(exts, sequential)
             ok = False
             try:
                 faults.crash_point("after-journal")
@@ -296,7 +297,7 @@ class Engine:
             raise failed[0]
 
     # ---- intents ---------------------------------------------------------------------------
-    async def _log_intents(self, exts: range) -> None:
+    async def _log_intents(self, exts: range, sequential: bool = False) -> None:
         """Make every extent in ``exts`` active in the journal and count this write in flight."""
         if self.writer is None:
             return  # journal switched off (benchmarks only): nothing is tracked
@@ -323,7 +324,7 @@ class Engine:
             else:
                 self.extents.move_to_end(e)
             st.inflight += 1
-        ahead = self._readahead(exts, limit) if new else []
+        ahead = self._readahead(exts, limit) if new and sequential else []
         if new:
             self.stats["intent_misses"] += 1
             try:
@@ -358,15 +359,13 @@ class Engine:
     def _readahead(self, exts: range, limit: int) -> list[int]:
         """Intents for the extents a sequential stream is about to reach, in the same record.
 
-        A write ending in the last quarter of its extent is likely followed by the next one;
-        naming the next few now saves a journal write per extent for sequential writes (each
-        costs an O_DSYNC round trip). They retire with the idle clean-up if no write comes.
+        Called only when a write that needs a new extent starts where a recent write ended:
+        such a stream will need the next extents too, and naming a few now saves an O_DSYNC
+        journal write per extent. Random writes never read ahead, so they do not fill the
+        activity log with extents nobody writes. Unused ones retire with the idle clean-up.
         """
         end = exts.stop  # the extent after the write's last one
         es = self.extent_size
-        last_used = self._last_write_end
-        if not (last_used % es >= es * 3 // 4 or last_used % es == 0):
-            return []
         out = []
         now = trio.current_time()
         for e in range(end, min(end + INTENT_READAHEAD, -(-self.size // es))):

@@ -46,7 +46,9 @@ def test_data_round_trip_and_clean_umount(mounter) -> None:
         assert f.read(len(data)) == data
     s = m.status()
     assert s["journal"]["active_extents"] >= 3
-    assert s["journal"]["extents"] == list(range(5, 8))
+    logged = set(s["journal"]["extents"])
+    # extents 5-7 were written; a sequential stream may also have named up to three ahead
+    assert set(range(5, 8)) <= logged <= set(range(5, 11)), logged
     run_fm("umount", str(m.mnt))
     assert not is_mounted(m.mnt)
     off = status(m.unit)
