@@ -24,7 +24,7 @@ from typing import Any, Callable
 import pyfuse3
 import trio
 
-from . import admin, control, faults, journal as journal_mod, mountutil
+from . import admin, control, faults, journal as journal_mod, lifecycle, mountutil
 from .engine import Engine
 from .errors import (BusyError, CorruptError, FusemirrorError, NeedsRecoveryError, StateError,
                      UsageError, EXIT_FAILURE)
@@ -79,22 +79,9 @@ def precheck(paths: UnitPaths, mountpoint: str) -> MirrorDB:
         raise BusyError(f"{paths.dir} is in use by pid {holder}")
     db = MirrorDB.load(paths.dir)
     if db.self_image["role"] == "master":
-        check_members(paths, db)      # told it is stale before being told to run fsck
+        lifecycle.check_members(paths, db)  # told it is stale before being told to run fsck
     db, _ = open_master(paths, for_what="mounted")
     return db
-
-
-def check_members(paths: UnitPaths, db: MirrorDB) -> None:
-    """Refuse a master that the mirror has moved past (a slave promoted, or apart)."""
-    if not any(img.get("address") for img in db.slaves):
-        return
-    from . import lifecycle
-
-    try:
-        secret = admin.unit_secret(paths)
-    except UsageError:
-        return
-    trio.run(lifecycle.probe_members, db, secret, paths.dir)
 
 
 def mount(unit_dir: str, mountpoint: str, opts: MountOptions) -> None:

@@ -87,7 +87,7 @@ def run(unit_dir: str, *, dry_run: bool, yes: bool, checksum: bool = False,
             raise FusemirrorError(f"{paths.dir} holds a slave image; fsck runs on the master")
         mid = bytes.fromhex(db.mirror["id"])
         nextents = -(-db.size // db.extent_size)
-        from .daemon import check_members
+        from .lifecycle import check_members
 
         check_members(paths, db)   # a stale or split master is not "recovered" into a mirror
         try:

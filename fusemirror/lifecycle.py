@@ -22,7 +22,7 @@ from typing import Any
 import trio
 
 from . import fracture, journal as journal_mod, states
-from .errors import FusemirrorError, StateError
+from .errors import FusemirrorError, StateError, UsageError
 from .link import Channel, LinkDown
 from .mirrordb import MirrorDB, atomic_write
 from .unit import UnitPaths
@@ -256,6 +256,22 @@ def check_rejoin(master_db: MirrorDB, summary: dict[str, Any]) -> str:
             "Discard its data with `fusemirror demote DIR --discard` on its host, then add it "
             "again (a full sync)")
     return "extents"
+
+
+def check_members(paths: UnitPaths, db: MirrorDB) -> None:
+    """Refuse a master that the mirror has moved past (a slave promoted, or apart).
+
+    Used by mount and fsck before they trust the local journal; lives here rather than in
+    the daemon so fsck does not import pyfuse3 (part of its start-up cost)."""
+    if not any(img.get("address") for img in db.slaves):
+        return
+    from . import admin
+
+    try:
+        secret = admin.unit_secret(paths)
+    except UsageError:
+        return
+    trio.run(probe_members, db, secret, paths.dir)
 
 
 async def probe_members(db: MirrorDB, secret: bytes, unit_dir: str,

@@ -39,6 +39,7 @@ log = logging.getLogger("fusemirror.link")
 
 CONNECT_TIMEOUT = 5.0
 COPY_WINDOW = 8          # catch-up/sync copies in flight at once (bounds memory)
+CATCHUP_PREFETCH = 32    # scattered extents whose reads are started ahead of the copy
 
 
 class LinkDown(Exception):
@@ -700,7 +701,11 @@ class SlaveLink:
         log.info("slave %s: catching up %d extents", self.name, len(todo))
         t0 = time.monotonic()
         last: _Entry | None = None
-        for e in todo:
+        ahead = 0
+        for i, e in enumerate(todo):
+            while ahead < min(len(todo), i + CATCHUP_PREFETCH):  # start the next reads now
+                self.engine.image.prefetch(todo[ahead] * es, es)
+                ahead += 1
             off = e * es
             last = await self._copy(off, min(es, self.engine.size - off))
         if not await self.flush():
