@@ -182,12 +182,28 @@ class Channel:
             w = _Waiter(seq, callback)
             self._waiters[seq] = w
             try:
-                for part in parts:
-                    await self.stream.send_all(part)
-                    self.bytes_sent += len(part)
+                await self._send_vectored(parts)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
                 self.fail(LinkDown(f"send failed: {e}"))
         return w
+
+    async def _send_vectored(self, parts: list[bytes]) -> None:
+        """Send a frame's parts with gathered writes (``sendmsg``), not one ``send`` each.
+
+        A write frame is a header, its digests and its data: sent apart, with TCP_NODELAY,
+        the header leaves as its own segment and the agent wakes once per part. Called with
+        the send lock held, so frames never interleave.
+        """
+        sock = self.stream.socket
+        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        while views:
+            n = await sock.sendmsg(views)
+            self.bytes_sent += n
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if n:
+                views[0] = views[0][n:]
 
     async def call(self, make: Callable[[int], P.Event]) -> P.Event:
         """Send a request and wait for its answer; an ERROR answer raises OSError."""
