@@ -18,6 +18,7 @@ test: $(STAMP)
 setup: $(STAMP)
 
 bench: $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]'
 	$(PY) tools/bench
 
 $(STAMP): pyproject.toml tools/setup.sh
