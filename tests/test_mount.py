@@ -47,8 +47,8 @@ def test_data_round_trip_and_clean_umount(mounter) -> None:
     s = m.status()
     assert s["journal"]["active_extents"] >= 3
     logged = set(s["journal"]["extents"])
-    # extents 5-7 were written; a sequential stream may also have named up to three ahead
-    assert set(range(5, 8)) <= logged <= set(range(5, 11)), logged
+    # extents 5-7 were written; a sequential stream also names up to eight ahead
+    assert set(range(5, 8)) <= logged <= set(range(5, 8 + 8 + 1)), logged
     run_fm("umount", str(m.mnt))
     assert not is_mounted(m.mnt)
     off = status(m.unit)
@@ -275,7 +275,7 @@ def test_nonroot_owner_can_mount_and_umount(nonroot_user: str, tmp_path: Path) -
         with pytest.raises(PermissionError):
             os.stat(mnt / "image")
         s = json.loads(as_u("status", str(unit), "--json").stdout)
-        assert s["running"] and s["journal"]["active_extents"] == 1
+        assert s["running"] and 0 in s["journal"]["extents"]  # (and its read-ahead window)
         as_u("umount", str(mnt))
         assert not is_mounted(mnt)
         assert status(unit)["journal"]["active_extents"] == 0
