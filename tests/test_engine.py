@@ -263,3 +263,34 @@ def test_sequential_writes_log_the_next_extents_ahead(tmp_path: Path) -> None:
     active = journal.scan(str(tmp_path / "3" / "u" / "journal"),
                           mirror_id=bytes.fromhex(e3.db.mirror["id"])).active
     assert set(range(8)) <= active and len(active) <= 8 + 8  # at most a window beyond
+
+
+def test_failed_background_intent_record_fails_only_the_writes_that_need_it(
+        tmp_path: Path, monkeypatch) -> None:
+    """A read-ahead record written in the background fails: the mirror goes to ATTENTION,
+    extents nobody wrote to are dropped, and no write is answered for an unlogged extent."""
+    from fusemirror import faults
+
+    monkeypatch.setattr(faults, "ENABLED", True)
+    e, img, jpath = make(tmp_path, size=64 * EXT)
+    result: dict[str, object] = {}
+
+    async def body() -> None:
+        for i in range(6):                       # extents 0..9 logged (0; 1 and 2-9 ahead)
+            await e.write(i * EXT, b"s" * EXT)
+        faults.arm("journal.write=EIOx1")
+        try:
+            await e.write(6 * EXT, b"s" * EXT)   # hit; refills 10-14 in the background
+            await until(lambda: e.db.state == states.ATTENTION)
+            result["logged"] = sorted(e.extents)
+            try:
+                await e.write(10 * EXT, b"x")
+            except OSError as err:
+                result["err"] = err.errno
+        finally:
+            faults.disarm()
+
+    run(e, body)
+    assert result["logged"] == list(range(10)), "the failed window was dropped"
+    assert result["err"] == 5  # EIO: ATTENTION refuses host I/O
+    assert all(ev[1] < 10 * EXT for ev in img.events if ev[0] == "write")
