@@ -219,7 +219,8 @@ def test_slave_crash_while_applying_writes(tmp_path, agent_factory, secret_file,
     from fusemirror.faults import simulate_power_loss
 
     simulate_power_loss(str(plog), seed=1, under=str(agent.root))
-    time.sleep(0.3)
+    wait_for(lambda: any(i.get("mode") == "down" for i in m.status()["images"]
+                         if i["role"] == "slave"), what="the master to see the agent gone")
     agent.env = {}
     agent.start()
     wait_for(lambda: ledger.writes > 900, what="more writes")

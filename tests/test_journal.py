@@ -853,7 +853,9 @@ def test_group_commit_batches_arrivals_during_a_write(jpath):
             for i in range(1, 40):
                 n.start_soon(writer.commit, [i])
             n.start_soon(writer.commit, (), [0])
-            await trio.sleep(0.05)
+            # everything queued behind the stalled write before it is let go
+            while writer._batch.adds != set(range(1, 40)) or writer._batch.rets != {0}:
+                await trio.sleep(0.001)
             release.set()
 
     trio.run(_run_writer, writer, body)

@@ -7,7 +7,6 @@ import os
 import random
 import subprocess
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -71,6 +70,7 @@ def test_partition_during_writes_then_heal(tmp_path: Path, agent_factory, secret
 
     stop = threading.Event()
     errors: list[BaseException] = []
+    written = [0]
     rng = random.Random(3)
     hot = rng.sample(range(256), 40)      # the writer touches 40 of the 256 extents
 
@@ -81,6 +81,7 @@ def test_partition_during_writes_then_heal(tmp_path: Path, agent_factory, secret
                 while not stop.is_set():
                     off = rng.choice(hot) * MiB + rng.randrange(0, MiB - 8192)
                     os.pwrite(fd, rng.randbytes(8192), off)
+                    written[0] += 1
                     if rng.random() < 0.1:
                         os.fsync(fd)
             finally:
@@ -91,10 +92,11 @@ def test_partition_during_writes_then_heal(tmp_path: Path, agent_factory, secret
     t = threading.Thread(target=writer)
     t.start()
     try:
-        time.sleep(0.5)
+        wait_for(lambda: written[0] >= 50, what="writes before the partition")
         sh("ip", "link", "set", slave_host["link"], "down")      # the partition
         wait_for(lambda: not slave_status(m)["reachable"], what="UNREACHABLE", timeout=20)
-        time.sleep(1.0)                                             # writes while cut off
+        cut = written[0]
+        wait_for(lambda: written[0] >= cut + 100, what="writes while cut off")
     finally:
         stop.set()
         t.join(timeout=60)

@@ -120,15 +120,25 @@ def test_get_set_validation(tmp_path) -> None:
     assert run_fm("get", str(unit), "heartbeat").stdout.strip() == "heartbeat = 2.5"
 
 
+def synchronized_pair(tmp_path: Path, agent, secret_file: Path, size: str, *settings: str,
+                      slave_timeout: str | None = None) -> Path:
+    """A master unit with one SYNCHRONIZED slave ``s1``, its attributes set, still INACTIVE."""
+    unit = tmp_path / "m"
+    run_fm("create", str(unit), "--size", size, "--secret-file", str(secret_file))
+    run_fm("add-slave", str(unit), agent.address("s1"), "--synchronized")
+    if settings:
+        run_fm("set", str(unit), *settings)
+    if slave_timeout is not None:
+        run_fm("set", str(unit), "--image", "s1", f"timeout={slave_timeout}")
+    return unit
+
+
 def test_activate_fails_into_attention_then_back_to_inactive(tmp_path, agent_factory,
                                                              secret_file, mounter) -> None:
     """FIG. 4: INACTIVE -activate, condition fails-> ATTENTION -conditions hold-> INACTIVE."""
     agent = agent_factory()
-    unit = tmp_path / "m"
-    run_fm("create", str(unit), "--size", "8M", "--secret-file", str(secret_file))
-    run_fm("add-slave", str(unit), agent.address("s1"), "--synchronized")
-    run_fm("set", str(unit), "heartbeat=0.2", "min_images_required=2")
-    run_fm("set", str(unit), "--image", "s1", "timeout=1")
+    unit = synchronized_pair(tmp_path, agent, secret_file, "8M", "heartbeat=0.2",
+                             "min_images_required=2", slave_timeout="1")
     agent.kill()
     m: Mounted = mounter(unit, activate=False)
     m.expect_errors()
@@ -146,10 +156,7 @@ def test_fracture_log_overflow_needs_a_full_sync(tmp_path, agent_factory, secret
     """FIG. 5: a slave whose missed updates exceed fracture_log_size loses its history:
     UNSYNCHRONIZED, then a full sync makes it CONSISTENT again."""
     agent = agent_factory()
-    unit = tmp_path / "m"
-    run_fm("create", str(unit), "--size", "16M", "--secret-file", str(secret_file))
-    run_fm("add-slave", str(unit), agent.address("s1"), "--synchronized")
-    run_fm("set", str(unit), "fracture_log_size=3")
+    unit = synchronized_pair(tmp_path, agent, secret_file, "16M", "fracture_log_size=3")
     run_fm("activate", str(unit))
     m: Mounted = mounter(unit)
     m.expect_errors()
@@ -171,11 +178,8 @@ def test_fracture_log_overflow_needs_a_full_sync(tmp_path, agent_factory, secret
 def test_a_member_that_missed_changes_is_brought_up_to_date(tmp_path, agent_factory,
                                                             secret_file, mounter) -> None:
     agent = agent_factory()
-    unit = tmp_path / "m"
-    run_fm("create", str(unit), "--size", "8M", "--secret-file", str(secret_file))
-    run_fm("add-slave", str(unit), agent.address("s1"), "--synchronized")
-    run_fm("set", str(unit), "heartbeat=0.2")
-    run_fm("set", str(unit), "--image", "s1", "timeout=1")
+    unit = synchronized_pair(tmp_path, agent, secret_file, "8M", "heartbeat=0.2",
+                             slave_timeout="1")
     run_fm("activate", str(unit))
     m: Mounted = mounter(unit)
     m.expect_errors()
