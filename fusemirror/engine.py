@@ -390,7 +390,7 @@ class Engine:
         """
         end = exts.stop
         ahead = sum(1 for e in range(end, end + INTENT_READAHEAD) if e in self.extents)
-        if ahead * 2 >= INTENT_READAHEAD or self._nursery is None or self.writer is None:
+        if ahead * 2 >= INTENT_READAHEAD or self._nursery is None:
             return
         new = self._readahead(exts, limit)
         if not new:

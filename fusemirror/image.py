@@ -8,10 +8,12 @@ Errors are raised as they come (OSError with the kernel's errno); nothing here r
 from __future__ import annotations
 
 import os
+from typing import Iterator, Sequence
 
 from . import faults
 
 FILENAME = "image"
+PREFETCH = 32   # scattered extents whose reads are started ahead of the one being copied
 
 
 class Image:
@@ -66,6 +68,17 @@ class Image:
             os.posix_fadvise(self.fd, off, size, os.POSIX_FADV_WILLNEED)
         except OSError:
             pass
+
+    def read_ahead(self, extents: Sequence[int], extent_size: int,
+                   window: int = PREFETCH) -> Iterator[int]:
+        """Yield ``extents`` in order, the reads of the next ``window`` already started
+        (fsck's copy and the daemon's catch-up of scattered extents)."""
+        ahead = 0
+        for i, e in enumerate(extents):
+            while ahead < min(len(extents), i + window):
+                self.prefetch(extents[ahead] * extent_size, extent_size)
+                ahead += 1
+            yield e
 
     def fdatasync(self) -> None:
         faults.check("image.flush")

@@ -39,7 +39,6 @@ log = logging.getLogger("fusemirror.link")
 
 CONNECT_TIMEOUT = 5.0
 COPY_WINDOW = 8          # catch-up/sync copies in flight at once (bounds memory)
-CATCHUP_PREFETCH = 32    # scattered extents whose reads are started ahead of the copy
 
 
 class LinkDown(Exception):
@@ -717,11 +716,7 @@ class SlaveLink:
         log.info("slave %s: catching up %d extents", self.name, len(todo))
         t0 = time.monotonic()
         last: _Entry | None = None
-        ahead = 0
-        for i, e in enumerate(todo):
-            while ahead < min(len(todo), i + CATCHUP_PREFETCH):  # start the next reads now
-                self.engine.image.prefetch(todo[ahead] * es, es)
-                ahead += 1
+        for e in self.engine.image.read_ahead(todo, es):
             off = e * es
             last = await self._copy(off, min(es, self.engine.size - off))
         if not await self.flush():

@@ -20,7 +20,6 @@ from .link import Channel, LinkDown, _Waiter
 from .mirrordb import MirrorDB
 
 WINDOW = 16   # writes in flight to one slave
-PREFETCH = 32  # extents whose reads are started ahead of the one being copied
 
 
 class SlaveGone(Exception):
@@ -47,16 +46,14 @@ async def copy_to_slave(image: Image, db: MirrorDB, slave: dict[str, Any], secre
             try:
                 await chan.request("open", mirror_id=db.mirror["id"], size=size)
                 window: list[_Waiter] = []
-                ahead = 0
-                for i, e in enumerate(todo):
+                # scattered extents: start the next reads now (a whole-image copy is
+                # sequential, the kernel's own read-ahead serves it)
+                order = image.read_ahead(todo, es) if extents is not None else todo
+                for i, e in enumerate(order):
                     if i == len(todo) // 2:
                         faults.crash_point("fsck-mid")
                     off = e * es
                     length = min(es, size - off)
-                    if extents is not None:   # scattered extents: start the next reads now
-                        while ahead < min(len(todo), i + PREFETCH):
-                            image.prefetch(todo[ahead] * es, es)
-                            ahead += 1
                     data = await trio.to_thread.run_sync(image.pread, off, length)
                     if checksum:
                         ans = await chan.call(lambda s: P.ReadDigests(s, off, length, bs))
