@@ -220,7 +220,8 @@ async def start_sync(engine: Engine, name: str) -> dict[str, Any]:
     link.sync_requested = True
     engine.db_changed()
     link.wake()
-    return {"name": link.name, "state": link.state}
+    return {"name": link.name, "state": link.state,
+            "resume_at": int(resuming or 0), "size": engine.size}
 
 
 async def fracture(engine: Engine, name: str) -> dict[str, Any]:

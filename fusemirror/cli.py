@@ -480,12 +480,18 @@ def sync(dir: str, slave: str, no_wait: bool) -> None:
     """Fully synchronize a slave: a block copy of the whole image, throttled by sync_rate.
 
     Host writes during the sync are forwarded only where the copy has already passed. Progress
-    is saved, so an interrupted sync resumes where it stopped.
+    is saved, so an interrupted sync resumes where it stopped (and says where).
     """
     from . import admin
 
     paths = require_unit(dir)
     bar = _Progress(f"sync {slave}")
+
+    def started(res: dict[str, Any]) -> None:
+        if res.get("resume_at"):
+            at, size = int(res["resume_at"]), int(res["size"])
+            click.echo(f"sync {slave}: resuming at {format_size(at)} of {format_size(size)} "
+                       f"({100.0 * at / max(1, size):.1f}%)", err=True)
 
     def show(st: dict[str, Any]) -> None:
         sy = st.get("sync") or {}
@@ -494,13 +500,13 @@ def sync(dir: str, slave: str, no_wait: bool) -> None:
             bar.update(sy["done"], sy["total"], f"ETA {eta:.0f}s" if eta is not None else "")
 
     async def offline(engine: Any) -> Any:
-        await admin.start_sync(engine, slave)
+        started(await admin.start_sync(engine, slave))
         if no_wait:
             return {}
         return await admin.wait_synced(engine, slave, show)
 
     try:
-        control.request(paths.control, "sync", slave=slave)
+        started(control.request(paths.control, "sync", slave=slave))
     except control.NotRunning:
         if no_wait:
             raise UsageError("--no-wait needs a mounted mirror (otherwise the sync runs in "

@@ -373,9 +373,10 @@ def test_offline_sync_is_killed_and_resumes(tmp_path, agent_factory, secret_file
     t0 = time.monotonic()
     r = run_fm("sync", str(unit), "s1")
     assert "synchronized" in r.stdout
-    first = r.stderr.splitlines()[0]
-    pct = float(first.split(":")[1].split("%")[0])
-    assert pct >= 100.0 * saved / (64 * MiB) - 0.1, f"did not resume: {first}"
+    resumed = [ln for ln in r.stderr.splitlines() if "resuming at" in ln]
+    assert resumed, f"did not resume: {r.stderr}"
+    pct = float(resumed[0].rsplit("(", 1)[1].split("%")[0])
+    assert pct >= 100.0 * saved / (64 * MiB) - 0.1, f"did not resume where it stopped: {resumed}"
     db = json.loads((unit / "mirror.json").read_text())
     s1 = next(i for i in db["images"] if i["role"] == "slave")
     assert s1["state"] in ("CONSISTENT", "SYNCHRONIZED") and s1["sync_progress"] is None
