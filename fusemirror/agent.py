@@ -33,6 +33,7 @@ log = logging.getLogger("fusemirror.agent")
 HANDSHAKE_TIMEOUT = 10.0
 AGENT_CONTROL = ".fusemirror-agent.sock"
 RECV = 1 << 20
+WRITE_BEHIND = 4 << 20   # bytes written to a slave image before its write-back is started
 
 
 def read_secret(path: str) -> bytes:
@@ -63,6 +64,9 @@ class OpenUnit:
         self.lock = UnitLock(paths, "agent").acquire()
         self.image = Image(paths.image)
         self.session: "Session | None" = None
+        self.unflushed = 0           # bytes written since write-back was last started
+        self.writing_back = False
+        self.writebacks = 0
 
     def close(self) -> None:
         self.image.close()
@@ -70,9 +74,10 @@ class OpenUnit:
 
 
 class Agent:
-    def __init__(self, root: str, secret: bytes) -> None:
+    def __init__(self, root: str, secret: bytes, write_behind: int = WRITE_BEHIND) -> None:
         self.root = os.path.abspath(root)
         self.secret = secret
+        self.write_behind = write_behind
         self.units: dict[str, OpenUnit] = {}
         self.connections = 0
 
@@ -105,7 +110,8 @@ class Agent:
             return {"released": req["unit"]}
         if req["cmd"] == "status":
             return {"root": self.root, "units": sorted(self.units),
-                    "connections": self.connections}
+                    "connections": self.connections, "write_behind": self.write_behind,
+                    "writebacks": {n: u.writebacks for n, u in sorted(self.units.items())}}
         raise UsageError(f"unknown agent command {req['cmd']!r}")
 
     async def serve(self, host: str, port: int, *,
@@ -203,6 +209,7 @@ class Session:
         self.scope = trio.CancelScope()
         self.done = trio.Event()
         self.fenced = False
+        self._nursery: trio.Nursery | None = None
 
     async def run(self) -> None:
         """Read requests in one task, apply them in order in another; the first failure of
@@ -212,6 +219,7 @@ class Session:
         try:
             with self.scope:
                 async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
                     nursery.start_soon(self._guard, self._reader(send), nursery.cancel_scope)
                     nursery.start_soon(self._guard, self._apply_all(recv), nursery.cancel_scope)
         finally:
@@ -252,6 +260,22 @@ class Session:
                     out = bytearray()
         raise EOFError
 
+    async def _write_back(self, u: OpenUnit) -> None:
+        """Write-behind: start the slave image's write-back every ``write_behind`` bytes, as
+        the master does (Engine._write_back), so a master's FLUSH finds little left to write
+        (a sync mirror's fsync waits for it). Runs in the session's nursery, so the image is
+        not closed under it. Not a flush: the next FLUSH's fdatasync still reports any write
+        the disk lost.
+        """
+        try:
+            await trio.to_thread.run_sync(u.image.start_writeback)
+            u.writebacks += 1
+        except OSError as e:
+            log.error("unit %s: starting write-back failed: %s (the next flush reports any "
+                      "write it lost)", self.name, e)
+        finally:
+            u.writing_back = False
+
     def release(self) -> None:
         u = self.unit
         if u is not None and u.session is self:
@@ -273,9 +297,16 @@ class Session:
                 log.error("unit %s: write of %d bytes at %d failed: %s", self.name,
                           len(ev.data), ev.offset, e)
                 return P.Error(ev.seq, e.errno or errno.EIO, str(e))
+            u.unflushed += len(ev.data)
+            limit = self.agent.write_behind
+            if limit and u.unflushed >= limit and not u.writing_back and self._nursery:
+                u.writing_back = True
+                u.unflushed = 0
+                self._nursery.start_soon(self._write_back, u)
             return P.Ack(ev.seq)
         if isinstance(ev, P.Flush):
             try:
+                u.unflushed = 0
                 await trio.to_thread.run_sync(u.image.fdatasync)
             except OSError as e:
                 log.error("unit %s: fdatasync failed: %s", self.name, e)
@@ -513,12 +544,13 @@ def _digests(image: Image, off: int, length: int, bs: int) -> list[int]:
     return out
 
 
-async def run_agent(root: str, listen: str, secret_file: str,
-                    *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+async def run_agent(root: str, listen: str, secret_file: str, *,
+                    write_behind: int = WRITE_BEHIND,
+                    task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     host, port = parse_hostport(listen)
     if not os.path.isdir(root):
         raise UsageError(f"{root}: no such directory")
-    agent = Agent(root, read_secret(secret_file))
+    agent = Agent(root, read_secret(secret_file), write_behind)
     from . import control
 
     async with trio.open_nursery() as nursery:

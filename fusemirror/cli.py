@@ -6,6 +6,7 @@ printed as one line on stderr with its exit code; a traceback means a bug.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -206,12 +207,17 @@ def _require_master(db: MirrorDB, paths: UnitPaths, what: str) -> None:
 @click.option("--debug", is_flag=True, help="Log every request (slow).")
 @click.option("--no-journal", is_flag=True, hidden=True,
               help="Benchmarks only: no write-intent journal (a crash then needs a full sync).")
-@click.option("--inline-io-max", type=int, default=131072, show_default=True, metavar="BYTES",
+@click.option("--inline-io-max", default="128K", show_default=True, metavar="SIZE",
               help="Requests up to this size do their image pread/pwrite on the event loop "
                    "instead of a worker thread (saves ~150 us per request; a stalled disk then "
                    "stalls the mount). 0 sends every request to a thread.")
+@click.option("--write-behind", default="4M", show_default=True, metavar="SIZE",
+              help="Each time this much has been written, start writing the master image back "
+                   "to disk in the background (sync_file_range), so that dirty data does not "
+                   "pile up for the next fsync. Not a flush: durability still comes from fsync. "
+                   "0 leaves write-back to the kernel.")
 def mount(dir: str, mountpoint: str, foreground: bool, allow_other: bool, cache: str,
-          debug: bool, no_journal: bool, inline_io_max: int) -> None:
+          debug: bool, no_journal: bool, inline_io_max: str, write_behind: str) -> None:
     """Serve the master image of DIR as MOUNTPOINT/image.
 
     Returns once the mount is usable (or fails with the reason). MOUNTPOINT/image has the
@@ -227,7 +233,10 @@ def mount(dir: str, mountpoint: str, foreground: bool, allow_other: bool, cache:
 
     do_mount(dir, mountpoint, MountOptions(foreground=foreground, allow_other=allow_other,
                                            cache=cache, journal=not no_journal, debug=debug,
-                                           inline_io_max=inline_io_max))
+                                           inline_io_max=parse_size(inline_io_max,
+                                                                    "--inline-io-max"),
+                                           write_behind=parse_size(write_behind,
+                                                                   "--write-behind")))
 
 
 @cli.command()
@@ -406,7 +415,11 @@ class _Progress:
 @click.option("--secret-file", required=True, type=click.Path(dir_okay=False), metavar="FILE",
               help="The shared secret (the same file the masters use).")
 @click.option("--debug", is_flag=True, help="Log every connection event.")
-def serve(root: str, listen: str, secret_file: str, debug: bool) -> None:
+@click.option("--write-behind", default="4M", show_default=True, metavar="SIZE",
+              help="Each time this much has been written to a slave image, start writing it "
+                   "back to disk in the background (sync_file_range), so that the master's "
+                   "next flush finds little left to write. 0 leaves write-back to the kernel.")
+def serve(root: str, listen: str, secret_file: str, debug: bool, write_behind: str) -> None:
     """Run the slave agent: serve every slave unit under ROOT (ROOT/NAME).
 
     Runs in the foreground (for systemd) and logs one line per connection and state change to
@@ -421,7 +434,8 @@ def serve(root: str, listen: str, secret_file: str, debug: bool) -> None:
 
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    trio.run(run_agent, os.path.abspath(root), listen, secret_file)
+    trio.run(functools.partial(run_agent, os.path.abspath(root), listen, secret_file,
+                               write_behind=parse_size(write_behind, "--write-behind")))
 
 
 @cli.command(name="add-slave")

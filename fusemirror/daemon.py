@@ -25,7 +25,7 @@ import pyfuse3
 import trio
 
 from . import admin, control, faults, journal as journal_mod, lifecycle, mountutil
-from .engine import Engine
+from .engine import WRITE_BEHIND, Engine
 from .errors import (BusyError, CorruptError, FusemirrorError, NeedsRecoveryError, StateError,
                      UsageError, EXIT_FAILURE)
 from .fs import CACHE_MODES, MirrorFS
@@ -49,6 +49,7 @@ class MountOptions:
     journal: bool = True
     debug: bool = False
     inline_io_max: int = 131072
+    write_behind: int = WRITE_BEHIND
 
 
 def setup_logging(path: str | None, *, foreground: bool, debug: bool) -> None:
@@ -225,7 +226,8 @@ class Daemon:
             raise CorruptError(f"{paths.image} is {self.image.size} bytes but the mirror is "
                                f"{self.db.size}")
         self.engine = Engine(paths.dir, self.db, self.journal, self.image,
-                             mountpoint=mountpoint, inline_io_max=opts.inline_io_max)
+                             mountpoint=mountpoint, inline_io_max=opts.inline_io_max,
+                             write_behind=opts.write_behind)
         admin.make_links(self.engine, paths)
         self.fs = MirrorFS(self.engine, cache=opts.cache, status_text=self.status_text,
                            unit_dir=paths.dir, on_release=self._on_release)

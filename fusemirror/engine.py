@@ -45,6 +45,7 @@ T = TypeVar("T")
 CLEANUP_INTERVAL = 5.0   # seconds between lazy clean-ups
 IDLE_RETIRE = 10.0       # an extent idle this long is retired by the clean-up
 INTENT_READAHEAD = 8     # extents kept logged ahead of a sequential stream
+WRITE_BEHIND = 4 << 20   # bytes written to the master before its write-back is started
 
 
 class ExtentState:
@@ -81,7 +82,8 @@ class Engine:
     """The master side of one mirror: serves host reads and writes through the journal."""
 
     def __init__(self, unit_dir: str, db: MirrorDB, journal: Journal | None, image: Image,
-                 *, mountpoint: str | None = None, inline_io_max: int = 131072) -> None:
+                 *, mountpoint: str | None = None, inline_io_max: int = 131072,
+                 write_behind: int = WRITE_BEHIND) -> None:
         self.unit_dir = unit_dir
         self.db = db
         self.journal = journal
@@ -99,6 +101,13 @@ class Engine:
         self._done_counter = 0
         self._flushed = 0
         self._flush_failed: OSError | None = None
+        # one master fdatasync at a time: of two concurrent ones only the first may see a
+        # writeback error (the kernel reports it once per open file), and the other would
+        # answer an fsync with success over data that was lost
+        self._flush_lock = trio.Lock()
+        self.write_behind = write_behind
+        self._unflushed_bytes = 0      # written since write-back was last started
+        self._writing_back = False
         self._evict_lock = trio.Lock()
         self._inflight = 0
         self._drained = trio.Event()
@@ -113,7 +122,7 @@ class Engine:
         self._nursery: trio.Nursery | None = None
         self.stats = {"writes": 0, "bytes_written": 0, "reads": 0, "bytes_read": 0,
                       "flushes": 0, "intent_hits": 0, "intent_misses": 0, "retired": 0,
-                      "write_errors": 0}
+                      "write_errors": 0, "writebacks": 0}
 
     # ---- life cycle ------------------------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -226,7 +235,31 @@ class Engine:
                 self._drained.set()
         self.stats["writes"] += 1
         self.stats["bytes_written"] += len(data)
+        self._unflushed_bytes += len(data)
+        if (self.write_behind and self._unflushed_bytes >= self.write_behind
+                and not self._writing_back and self._nursery is not None):
+            self._writing_back = True
+            self._unflushed_bytes = 0
+            self._nursery.start_soon(self._write_back)
         return len(data)
+
+    async def _write_back(self) -> None:
+        """Write-behind: start the master's write-back every ``write_behind`` bytes written.
+
+        The kernel would otherwise keep a large write dirty in the page cache (up to
+        gigabytes) and the next fsync would write all of it while the caller waits: 1 GiB
+        took 1.7-2.1 s to flush on the bench VM, 0.01-0.03 s with write-back started every
+        4 MiB, because the disk then works while the writes arrive. Not a flush: durability
+        still comes only from fdatasync, which also reports any write the disk lost here.
+        """
+        try:
+            await trio.to_thread.run_sync(self.image.start_writeback)
+            self.stats["writebacks"] += 1
+        except OSError as e:
+            log.error("starting write-back of the master image failed: %s (the next "
+                      "fdatasync reports any write it lost)", e)
+        finally:
+            self._writing_back = False
 
     async def _apply(self, off: int, data: bytes, exts: range) -> None:
         """The master write and the slave sends (patent FIG. 6 steps 608/610).
@@ -512,23 +545,26 @@ class Engine:
 
     # ---- flushing --------------------------------------------------------------------------
     async def _flush_master(self) -> None:
-        if self._flush_failed is not None:
-            raise OSError(errno.EIO, "an earlier fdatasync of the master image failed; "
-                          "nothing written since is known to be durable")
-        mark = self._done_counter
-        try:
-            await trio.to_thread.run_sync(self.image.fdatasync)
-        except OSError as err:
-            self._flush_failed = err
-            for st in self.extents.values():
-                if st.last_done > self._flushed or st.inflight:
-                    st.pinned = True
-            log.error("fdatasync of the master image failed: %s", err)
-            await self.condition_failed(f"fdatasync of the master image failed: {err.strerror}")
-            raise OSError(err.errno, err.strerror) from None
-        self.stats["flushes"] += 1
-        if mark > self._flushed:
-            self._flushed = mark
+        async with self._flush_lock:
+            if self._flush_failed is not None:
+                raise OSError(errno.EIO, "an earlier fdatasync of the master image failed; "
+                              "nothing written since is known to be durable")
+            mark = self._done_counter
+            self._unflushed_bytes = 0
+            try:
+                await trio.to_thread.run_sync(self.image.fdatasync)
+            except OSError as err:
+                self._flush_failed = err
+                for st in self.extents.values():
+                    if st.last_done > self._flushed or st.inflight:
+                        st.pinned = True
+                log.error("fdatasync of the master image failed: %s", err)
+                await self.condition_failed(f"fdatasync of the master image failed: "
+                                            f"{err.strerror}")
+                raise OSError(err.errno, err.strerror) from None
+            self.stats["flushes"] += 1
+            if mark > self._flushed:
+                self._flushed = mark
 
     # ---- state -----------------------------------------------------------------------------
     async def _journal_failed(self, err: OSError) -> None:

@@ -296,6 +296,35 @@ def test_correct_hand_built_write_lands(slave: Slave) -> None:
     run(correct_client, s)
 
 
+def test_write_behind_starts_the_slave_write_back(slave: Slave) -> None:
+    """Each 4 MiB (the default ``--write-behind``) written to a unit, the agent starts its
+    write-back in the background; the writes and a later FLUSH are answered as usual."""
+    from fusemirror import control
+
+    s = slave
+    sock = str(s.root / ".fusemirror-agent.sock")
+    before = control.request(sock, "status")
+    assert before["write_behind"] == 4 << 20
+    data = random.Random(2).randbytes(1 << 20)
+
+    async def go() -> None:
+        async with Opened(s) as chan:
+            for i in range(1, 7):     # 6 MiB: past 4 MiB once (the fixture wrote 128 KiB)
+                assert isinstance(await chan.call(lambda q: P.Write(q, i << 20, data, BS)),
+                                  P.Ack)
+            with trio.fail_after(10):
+                while control.request(sock, "status")["writebacks"].get("s1", 0) < 1:
+                    await trio.sleep(0.01)
+            assert isinstance(await chan.call(lambda q: P.Flush(q)), P.Ack)
+
+    run(go)
+    assert control.request(sock, "status")["writebacks"]["s1"] == 1
+    with open(s.image, "rb") as f:
+        f.seek(6 << 20)
+        assert f.read(len(data)) == data
+    assert s.agent.alive()
+
+
 # ---- faults before authentication ---------------------------------------------------------------
 def test_wrong_secret(slave: Slave) -> None:
     s = slave

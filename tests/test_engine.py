@@ -45,11 +45,19 @@ class FakeImage:
         with self.lock:
             self.events.append(("flush",))
 
+    def start_writeback(self) -> None:
+        from fusemirror import faults
+
+        faults.check("image.writeback")
+        with self.lock:
+            self.events.append(("writeback", sum(1 for ev in self.events if ev[0] == "write")))
+
     def close(self) -> None:
         pass
 
 
-def make(tmp_path: Path, ale: int = 64, size: int = 64 * EXT) -> tuple[Engine, FakeImage, str]:
+def make(tmp_path: Path, ale: int = 64, size: int = 64 * EXT,
+         write_behind: int = 0) -> tuple[Engine, FakeImage, str]:
     u = tmp_path / "u"
     create_unit(str(u), size=size, block_size=4096, extent_size=EXT, write_policy="sync",
                 name="t", activity_log_extents=ale)
@@ -59,7 +67,8 @@ def make(tmp_path: Path, ale: int = 64, size: int = 64 * EXT) -> tuple[Engine, F
     mid = bytes.fromhex(db.mirror["id"])
     j = journal.Journal.open(jpath, mirror_id=mid)
     img = FakeImage(size, jpath, mid)
-    return Engine(str(u), db, j, img, inline_io_max=0), img, jpath  # type: ignore[arg-type]
+    return (Engine(str(u), db, j, img, inline_io_max=0,  # type: ignore[arg-type]
+                   write_behind=write_behind), img, jpath)
 
 
 async def until(cond, timeout: float = 10.0) -> None:
@@ -294,3 +303,51 @@ def test_failed_background_intent_record_fails_only_the_writes_that_need_it(
     assert result["logged"] == list(range(10)), "the failed window was dropped"
     assert result["err"] == 5  # EIO: ATTENTION refuses host I/O
     assert all(ev[1] < 10 * EXT for ev in img.events if ev[0] == "write")
+
+
+def test_write_behind_starts_write_back_every_so_many_bytes(tmp_path: Path) -> None:
+    """Every ``write_behind`` bytes written, the master's write-back is started in the
+    background (so a later fsync finds little dirty data); it is not a flush, and a failure
+    to start it is logged without failing writes or changing the mirror's state."""
+    from fusemirror import faults
+
+    e, img, _ = make(tmp_path, size=64 * EXT, write_behind=4 * EXT)
+
+    async def body() -> None:
+        for i in range(16):
+            await e.write(i * EXT, b"b" * EXT)
+        await until(lambda: e.stats["writebacks"] == 4)
+
+    run(e, body)
+    starts = [ev[1] for ev in img.events if ev[0] == "writeback"]
+    # one start per 4 extents written, never before the 4th (it runs in a worker thread, so
+    # later writes may already have landed when it does)
+    assert len(starts) == 4 and all(n >= 4 * (k + 1) for k, n in enumerate(starts)), starts
+    assert not any(ev[0] == "flush" for ev in img.events), "write-back is not a flush"
+
+    (tmp_path / "off").mkdir()
+    e0, img0, _ = make(tmp_path / "off", size=64 * EXT, write_behind=0)
+
+    async def body0() -> None:
+        for i in range(16):
+            await e0.write(i * EXT, b"b" * EXT)
+
+    run(e0, body0)
+    assert e0.stats["writebacks"] == 0 and not any(ev[0] == "writeback" for ev in img0.events)
+
+    (tmp_path / "eio").mkdir()
+    e1, img1, _ = make(tmp_path / "eio", size=64 * EXT, write_behind=2 * EXT)
+    faults.ENABLED = True
+    try:
+        async def body1() -> None:
+            faults.arm("image.writeback=EIOx1")
+            for i in range(4):
+                await e1.write(i * EXT, b"b" * EXT)
+            await until(lambda: e1.stats["writebacks"] == 1)   # the second start worked
+
+        run(e1, body1)
+    finally:
+        faults.disarm()
+        faults.ENABLED = False
+    assert e1.db.state == states.ACTIVE and e1.stats["writes"] == 4
+    assert bytes(img1.data[:4 * EXT]) == b"b" * (4 * EXT)
