@@ -38,6 +38,7 @@ import hmac
 import json
 import os
 import struct
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -177,6 +178,10 @@ Event = Union[Hello, Challenge, Auth, AuthOk, Authenticated, Write, Flush, Ping,
               ReadDigests, Read, Ack, Error, Digests, Data, Reply]
 
 NEED_DATA = None
+RECV_ROOM = 256 * 1024        # room offered for the next read beyond the current frame
+HANDSHAKE_ROOM = 4096         # ... before authentication: grows only as bytes arrive
+ZERO_COPY_MIN = 64 * 1024     # WRITE payloads this large are handed out without a copy
+SPARES = 4                    # handed-out buffers kept for reuse
 
 
 def block_digests(data: bytes | memoryview, block_size: int) -> list[int]:
@@ -217,8 +222,12 @@ class Connection:
         self._nonce = nonce or os.urandom(NONCE)
         self._peer_nonce = b""
         self.state = "START" if role == "master" else "AWAIT_HELLO"
-        self._buf = bytearray()
-        self._pos = 0          # start of the unread part of _buf
+        # received bytes are _buf[_pos:_end]; a large payload is handed out as a view of
+        # _buf, which is then never written again (see next_event)
+        self._buf = bytearray(HANDSHAKE_ROOM)
+        self._pos = 0
+        self._end = 0
+        self._spares: list[bytearray] = []
         self._out = bytearray()
         self._recv_seq = 0     # agent: last request seq received; master: last answer seq
         self._send_seq = 0     # master: last request seq sent
@@ -283,15 +292,71 @@ class Connection:
         raise ProtocolError(f"{self.role} cannot send {type(ev).__name__}")
 
     # ---- receiving -----------------------------------------------------------------------
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | memoryview) -> None:
+        """Bytes from the peer (copied; :meth:`receive_buffer` avoids the copy)."""
         if self.state == "ERROR":
             raise ProtocolError("connection already failed")
-        if self._pos and self._pos >= len(self._buf) // 2:
-            del self._buf[:self._pos]      # compact now and then, not on every frame
-            self._pos = 0
-        self._buf += data
-        if len(self._buf) - self._pos > MAX_PAYLOAD + HEADER.size + (16 << 20):
+        n = len(data)
+        if self._end - self._pos + n > MAX_PAYLOAD + HEADER.size + (16 << 20):
             self._fail("peer sends faster than it is read")
+        if len(self._buf) - self._end < n:
+            self._rebuffer(self._end - self._pos + n)
+        self._buf[self._end:self._end + n] = data
+        self._end += n
+
+    def receive_buffer(self) -> memoryview:
+        """Where the next bytes from the peer should go (``socket.recv_into``); then call
+        :meth:`received` with how many arrived.
+
+        The buffer has room for the rest of the frame being received, so a large frame
+        arrives in one piece where :meth:`next_event` hands its payload out: a WRITE's data
+        goes from the socket to the image without being copied in between (two copies of
+        every replicated byte fewer on the slave than with :meth:`receive_data`).
+        """
+        if self.state == "ERROR":
+            raise ProtocolError("connection already failed")
+        have = self._end - self._pos
+        if not self.authenticated:
+            # an unauthenticated peer gets room only for what it actually sends: a header
+            # announcing megabytes must not make us allocate them
+            want = have + HANDSHAKE_ROOM
+        else:
+            want = have + RECV_ROOM
+            if have >= HEADER.size:
+                length = HEADER.unpack_from(self._buf, self._pos)[3]
+                if length <= MAX_PAYLOAD:      # a bigger one fails in next_event
+                    want = max(want, HEADER.size + length)
+        if len(self._buf) - self._pos < want:
+            self._rebuffer(want)
+        return memoryview(self._buf)[self._end:]
+
+    def received(self, n: int) -> None:
+        """``n`` bytes were written into the view :meth:`receive_buffer` returned."""
+        if not 0 <= n <= len(self._buf) - self._end:
+            raise ValueError(f"received {n} bytes into a buffer of "
+                             f"{len(self._buf) - self._end}")
+        self._end += n
+
+    def _rebuffer(self, size: int) -> None:
+        """Move the unread bytes to the start of a buffer of at least ``size`` bytes."""
+        old, have = self._buf, self._end - self._pos
+        if size <= len(old):
+            old[:have] = old[self._pos:self._end]        # compact in place
+        else:
+            self._buf = self._spare(size)
+            self._buf[:have] = old[self._pos:self._end]
+        self._pos, self._end = 0, have
+
+    def _spare(self, size: int) -> bytearray:
+        """A buffer of at least ``size`` bytes: a large one handed out before whose payload
+        nobody holds any more, or a new one (reuse spares the allocator and the page faults
+        of a fresh megabyte per frame)."""
+        spares = self._spares
+        for i in range(len(spares)):
+            # referenced only by the list (and getrefcount's argument): no view is alive
+            if len(spares[i]) >= size and sys.getrefcount(spares[i]) == 2:
+                return spares.pop(i)
+        return bytearray(max(size, RECV_ROOM))
 
     def next_event(self) -> Event | None:
         """The next complete event, or None (NEED_DATA) until more bytes arrive.
@@ -301,7 +366,7 @@ class Connection:
         if self.state == "ERROR":
             raise ProtocolError("connection already failed")
         pos = self._pos
-        if len(self._buf) - pos < HEADER.size:
+        if self._end - pos < HEADER.size:
             return NEED_DATA
         magic, version, ftype, length = HEADER.unpack_from(self._buf, pos)
         if magic != MAGIC:
@@ -310,14 +375,29 @@ class Connection:
             self._fail(f"protocol version {version} not supported (this side speaks {VERSION})")
         if length > MAX_PAYLOAD:
             self._fail(f"frame of {length} bytes exceeds the maximum {MAX_PAYLOAD}")
-        if len(self._buf) - pos < HEADER.size + length:
+        if self._end - pos < HEADER.size + length:
             return NEED_DATA
         start = pos + HEADER.size
-        payload = bytes(memoryview(self._buf)[start:start + length])
-        self._pos = start + length
-        if self._pos == len(self._buf):
-            self._buf.clear()
-            self._pos = 0
+        stop = start + length
+        payload: bytes | memoryview
+        if length >= ZERO_COPY_MIN and ftype == T_WRITE:
+            # hand the payload out as a view and never write this buffer again: what was
+            # received after the frame moves to another buffer, and this one becomes a
+            # spare once the payload is dropped
+            payload = memoryview(self._buf)[start:stop]
+            old, rest = self._buf, self._end - stop
+            # room for another frame of this size: writes come in runs of one size, and a
+            # frame that does not fit is copied (what arrived of it) into a bigger buffer
+            self._buf = self._spare(max(RECV_ROOM + rest, HEADER.size + length + RECV_ROOM))
+            self._buf[:rest] = old[stop:self._end]
+            self._pos, self._end = 0, rest
+            self._spares.append(old)
+            del self._spares[:-SPARES]
+        else:
+            payload = bytes(memoryview(self._buf)[start:stop])
+            self._pos = stop
+            if stop == self._end:
+                self._pos = self._end = 0
         try:
             return self._dispatch(ftype, payload)
         except ProtocolError:

@@ -179,6 +179,44 @@ def test_handshake_then_round_trip() -> None:
     assert m.data_to_send() == a.data_to_send() == b""
 
 
+def test_large_writes_arrive_in_place_and_stay_intact() -> None:
+    """WRITE payloads of 64 KiB and more received through ``receive_buffer`` are handed out
+    as views of the buffer they arrived in (no copy); a payload still held is never
+    overwritten by later frames, and buffers whose payloads were dropped are reused."""
+    m, a = pair()
+    handshake(m, a)
+    rnd = __import__("random").Random(5)
+    sizes = [1 << 20, 64 * 1024, 1000, 0, 1 << 20, 300 * 1024, 4096, 1 << 20, 1 << 20]
+    reqs: list[P.Event] = [P.Write(i + 1, i << 20, rnd.randbytes(n), 4096) if n else
+                           P.Flush(i + 1) for i, n in enumerate(sizes)]
+    wire = b"".join(P.encode_write(r) if isinstance(r, P.Write) else
+                    P._frame(P.T_FLUSH, P._SEQ.pack(r.seq)) for r in reqs)  # type: ignore
+    got: list[P.Event] = []
+    for i in range(0, len(wire), 100_000):          # as a socket delivers it: in pieces
+        _give(a, wire[i:i + 100_000], zero_copy=True)
+        got += drain(a)
+    assert got == reqs
+    big = [ev for ev in got if isinstance(ev, P.Write) and len(ev.data) >= 64 * 1024]
+    # large: views of the receive buffer itself; small: of a copy of their frame
+    assert len(big) == 6 and all(isinstance(ev.data.obj, bytearray) for ev in big)  # type: ignore
+    small = [ev for ev in got if isinstance(ev, P.Write) and len(ev.data) < 64 * 1024]
+    assert small and all(isinstance(ev.data.obj, bytes) for ev in small)  # type: ignore
+    # hold the first payload, drop the rest; then receive as much again
+    held, first = got[0], bytes(got[0].data)  # type: ignore[union-attr]
+    used = {id(ev.data.obj) for ev in big}  # type: ignore[union-attr]
+    del got, big, small
+    more = [P.Write(len(reqs) + k + 1, k << 20, rnd.randbytes(1 << 20), 4096) for k in range(6)]
+    wire2 = b"".join(P.encode_write(r) for r in more)
+    got2: list[P.Event] = []
+    for i in range(0, len(wire2), 65536):
+        _give(a, wire2[i:i + 65536], zero_copy=True)
+        got2 += drain(a)
+    assert got2 == more
+    assert bytes(held.data) == first, "a held payload was overwritten"  # type: ignore[union-attr]
+    assert id(held.data.obj) not in {id(ev.data.obj) for ev in got2}  # type: ignore[union-attr]
+    assert used & {id(ev.data.obj) for ev in got2}, "no buffer was reused"  # type: ignore[union-attr]
+
+
 def test_send_before_authentication_refused() -> None:
     m, a = pair()
     with pytest.raises(P.ProtocolError):
@@ -607,15 +645,31 @@ def _chunks(data: bytes, sizes: list[int]) -> list[bytes]:
     return out
 
 
+def _give(conn: P.Connection, chunk: bytes, zero_copy: bool) -> None:
+    """Pass ``chunk`` in as the agent does (into :meth:`receive_buffer`, which may take
+    less than all of it) or as the master does (:meth:`receive_data`)."""
+    if not zero_copy:
+        conn.receive_data(chunk)
+        return
+    while chunk:
+        buf = conn.receive_buffer()
+        k = min(len(buf), len(chunk))
+        buf[:k] = chunk[:k]
+        conn.received(k)
+        chunk = chunk[k:]
+
+
 def feed_agent(data: bytes, sizes: list[int]) -> int:
     """Feed an agent Connection (with the recording's nonce); answer every request as the
     real agent would. Returns the number of events. Only ProtocolError may escape the
-    Connection, and it ends the connection for good."""
+    Connection, and it ends the connection for good. Odd chunks go through
+    :meth:`receive_buffer`, even ones through :meth:`receive_data`, so both paths (and
+    their mix) see every input."""
     a = P.Connection("agent", SECRET, nonce=AGENT_NONCE)
     n = 0
     try:
-        for chunk in _chunks(data, sizes):
-            a.receive_data(chunk)
+        for i, chunk in enumerate(_chunks(data, sizes)):
+            _give(a, chunk, zero_copy=bool(i % 2))
             while (ev := a.next_event()) is not None:
                 n += 1
                 a.data_to_send()
