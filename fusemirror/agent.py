@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import signal
+import socket
 from typing import Any
 
 import trio
@@ -32,6 +33,7 @@ log = logging.getLogger("fusemirror.agent")
 
 HANDSHAKE_TIMEOUT = 10.0
 AGENT_CONTROL = ".fusemirror-agent.sock"
+RCVLOWAT_MAX = 256 * 1024   # the most a read waits to accumulate (see _next)
 WRITE_BEHIND = 4 << 20   # bytes written to a slave image before its write-back is started
 
 
@@ -178,12 +180,24 @@ class PromotedError(FusemirrorError):
 
 async def _next(conn: P.Connection, stream: trio.SocketStream) -> P.Event:
     """The next event; reads straight into the connection's buffer (``recv_into``), so a
-    WRITE's data is not copied between the socket and the image."""
+    WRITE's data is not copied between the socket and the image.
+
+    After authentication the socket's ``SO_RCVLOWAT`` is kept at what the current frame still
+    needs (at most RCVLOWAT_MAX): a 1 MiB frame arriving in 64 KiB segments then wakes the
+    agent a few times instead of once per segment. Only bytes the peer has announced are
+    waited for, and EOF or an error still wakes it.
+    """
+    sock = stream.socket
     while True:
         ev = conn.next_event()
         if ev is not None:
             return ev
-        n = await stream.socket.recv_into(conn.receive_buffer())
+        if conn.authenticated:
+            lowat = min(conn.missing(), RCVLOWAT_MAX)
+            if lowat != getattr(sock, "_fm_lowat", 1):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
+                sock._fm_lowat = lowat  # type: ignore[attr-defined]
+        n = await sock.recv_into(conn.receive_buffer())
         if not n:
             raise EOFError
         conn.received(n)

@@ -330,6 +330,15 @@ class Connection:
             self._rebuffer(want)
         return memoryview(self._buf)[self._end:]
 
+    def missing(self) -> int:
+        """How many more bytes the frame being received needs (at least 1): the receiver may
+        sleep until that many have arrived (``SO_RCVLOWAT``) instead of waking per segment."""
+        have = self._end - self._pos
+        if have < HEADER.size:
+            return HEADER.size - have
+        length = HEADER.unpack_from(self._buf, self._pos)[3]
+        return max(1, HEADER.size + min(length, MAX_PAYLOAD) - have)
+
     def received(self, n: int) -> None:
         """``n`` bytes were written into the view :meth:`receive_buffer` returned."""
         if not 0 <= n <= len(self._buf) - self._end:

@@ -217,6 +217,22 @@ def test_large_writes_arrive_in_place_and_stay_intact() -> None:
     assert used & {id(ev.data.obj) for ev in got2}, "no buffer was reused"  # type: ignore[union-attr]
 
 
+def test_missing_counts_the_rest_of_the_frame() -> None:
+    """``missing`` is what the frame being received still needs: the header first, then the
+    rest of the announced payload (the agent sleeps until that much has arrived)."""
+    m, a = pair()
+    handshake(m, a)
+    frame = P.encode_write(P.Write(m.next_seq(), 0, bytes(8192), 4096))
+    assert a.missing() == P.HEADER.size
+    a.receive_data(frame[:3])
+    assert a.missing() == P.HEADER.size - 3
+    a.receive_data(frame[3:100])
+    assert a.missing() == len(frame) - 100
+    a.receive_data(frame[100:])
+    assert a.missing() == 1 and isinstance(a.next_event(), P.Write)
+    assert a.missing() == P.HEADER.size
+
+
 def test_send_before_authentication_refused() -> None:
     m, a = pair()
     with pytest.raises(P.ProtocolError):
