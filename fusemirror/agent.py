@@ -25,7 +25,7 @@ import xxhash
 
 from . import protocol as P, states
 from .errors import FusemirrorError, UsageError
-from .image import Image
+from .image import Image, WriteBehind
 from .mirrordb import MirrorDB, atomic_write
 from .unit import UnitLock, UnitPaths, create_slave_unit, is_unit
 
@@ -59,15 +59,15 @@ def parse_hostport(text: str) -> tuple[str, int]:
 class OpenUnit:
     """A slave unit the agent holds: its lock, its image, and the session writing to it."""
 
-    def __init__(self, paths: UnitPaths, db: MirrorDB) -> None:
+    def __init__(self, paths: UnitPaths, db: MirrorDB, write_behind: int = WRITE_BEHIND) -> None:
         self.paths = paths
         self.db = db
         self.lock = UnitLock(paths, "agent").acquire()
         self.image = Image(paths.image)
         self.session: "Session | None" = None
-        self.unflushed = 0           # bytes written since write-back was last started
-        self.writing_back = False
-        self.writebacks = 0
+        self.stats: dict[str, int] = {}
+        self.write_behind = WriteBehind(self.image, write_behind, self.stats,
+                                        f"unit {os.path.basename(paths.dir)}")
 
     def close(self) -> None:
         self.image.close()
@@ -112,7 +112,7 @@ class Agent:
         if req["cmd"] == "status":
             return {"root": self.root, "units": sorted(self.units),
                     "connections": self.connections, "write_behind": self.write_behind,
-                    "writebacks": {n: u.writebacks for n, u in sorted(self.units.items())}}
+                    "writebacks": {n: u.stats["writebacks"] for n, u in sorted(self.units.items())}}
         raise UsageError(f"unknown agent command {req['cmd']!r}")
 
     async def serve(self, host: str, port: int, *,
@@ -269,22 +269,6 @@ class Session:
                     out = bytearray()
         raise EOFError
 
-    async def _write_back(self, u: OpenUnit) -> None:
-        """Write-behind: start the slave image's write-back every ``write_behind`` bytes, as
-        the master does (Engine._write_back), so a master's FLUSH finds little left to write
-        (a sync mirror's fsync waits for it). Runs in the session's nursery, so the image is
-        not closed under it. Not a flush: the next FLUSH's fdatasync still reports any write
-        the disk lost.
-        """
-        try:
-            await trio.to_thread.run_sync(u.image.start_writeback)
-            u.writebacks += 1
-        except OSError as e:
-            log.error("unit %s: starting write-back failed: %s (the next flush reports any "
-                      "write it lost)", self.name, e)
-        finally:
-            u.writing_back = False
-
     def release(self) -> None:
         u = self.unit
         if u is not None and u.session is self:
@@ -306,16 +290,14 @@ class Session:
                 log.error("unit %s: write of %d bytes at %d failed: %s", self.name,
                           len(ev.data), ev.offset, e)
                 return P.Error(ev.seq, e.errno or errno.EIO, str(e))
-            u.unflushed += len(ev.data)
-            limit = self.agent.write_behind
-            if limit and u.unflushed >= limit and not u.writing_back and self._nursery:
-                u.writing_back = True
-                u.unflushed = 0
-                self._nursery.start_soon(self._write_back, u)
+            # write-behind (image.WriteBehind), started in the session's nursery so the
+            # image is not closed under it; a master's FLUSH then finds little left to write
+            if u.write_behind.due(len(ev.data)) and self._nursery is not None:
+                self._nursery.start_soon(trio.to_thread.run_sync, u.write_behind.start)
             return P.Ack(ev.seq)
         if isinstance(ev, P.Flush):
             try:
-                u.unflushed = 0
+                u.write_behind.flushed()
                 await trio.to_thread.run_sync(u.image.fdatasync)
             except OSError as e:
                 log.error("unit %s: fdatasync failed: %s", self.name, e)
@@ -434,7 +416,7 @@ class Session:
                           "the master connecting is stale or split from it", self.name,
                           g["counter"], g["id"])
                 raise PromotedError(g)
-            existing = OpenUnit(UnitPaths(self.path), db)
+            existing = OpenUnit(UnitPaths(self.path), db, self.agent.write_behind)
             self.agent.units[self.name] = existing
         db = existing.db = MirrorDB.load(self.path)
         if args.get("mirror_id") != db.mirror["id"]:

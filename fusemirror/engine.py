@@ -34,7 +34,7 @@ from typing import Any, AsyncIterator, Callable, TypeVar
 import trio
 
 from . import faults, states
-from .image import Image
+from .image import Image, WriteBehind
 from .journal import Journal, JournalWriter
 from .mirrordb import MirrorDB
 
@@ -105,9 +105,6 @@ class Engine:
         # writeback error (the kernel reports it once per open file), and the other would
         # answer an fsync with success over data that was lost
         self._flush_lock = trio.Lock()
-        self.write_behind = write_behind
-        self._unflushed_bytes = 0      # written since write-back was last started
-        self._writing_back = False
         self._evict_lock = trio.Lock()
         self._inflight = 0
         self._drained = trio.Event()
@@ -123,6 +120,7 @@ class Engine:
         self.stats = {"writes": 0, "bytes_written": 0, "reads": 0, "bytes_read": 0,
                       "flushes": 0, "intent_hits": 0, "intent_misses": 0, "retired": 0,
                       "write_errors": 0, "writebacks": 0}
+        self.write_behind = WriteBehind(image, write_behind, self.stats, "master image")
 
     # ---- life cycle ------------------------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -235,31 +233,9 @@ class Engine:
                 self._drained.set()
         self.stats["writes"] += 1
         self.stats["bytes_written"] += len(data)
-        self._unflushed_bytes += len(data)
-        if (self.write_behind and self._unflushed_bytes >= self.write_behind
-                and not self._writing_back and self._nursery is not None):
-            self._writing_back = True
-            self._unflushed_bytes = 0
-            self._nursery.start_soon(self._write_back)
+        if self.write_behind.due(len(data)) and self._nursery is not None:
+            self._nursery.start_soon(trio.to_thread.run_sync, self.write_behind.start)
         return len(data)
-
-    async def _write_back(self) -> None:
-        """Write-behind: start the master's write-back every ``write_behind`` bytes written.
-
-        The kernel would otherwise keep a large write dirty in the page cache (up to
-        gigabytes) and the next fsync would write all of it while the caller waits: 1 GiB
-        took 1.7-2.1 s to flush on the bench VM, 0.01-0.03 s with write-back started every
-        4 MiB, because the disk then works while the writes arrive. Not a flush: durability
-        still comes only from fdatasync, which also reports any write the disk lost here.
-        """
-        try:
-            await trio.to_thread.run_sync(self.image.start_writeback)
-            self.stats["writebacks"] += 1
-        except OSError as e:
-            log.error("starting write-back of the master image failed: %s (the next "
-                      "fdatasync reports any write it lost)", e)
-        finally:
-            self._writing_back = False
 
     async def _apply(self, off: int, data: bytes, exts: range) -> None:
         """The master write and the slave sends (patent FIG. 6 steps 608/610).
@@ -550,7 +526,7 @@ class Engine:
                 raise OSError(errno.EIO, "an earlier fdatasync of the master image failed; "
                               "nothing written since is known to be durable")
             mark = self._done_counter
-            self._unflushed_bytes = 0
+            self.write_behind.flushed()
             try:
                 await trio.to_thread.run_sync(self.image.fdatasync)
             except OSError as err:

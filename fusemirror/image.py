@@ -8,8 +8,9 @@ Errors are raised as they come (OSError with the kernel's errno); nothing here r
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from . import faults
 
@@ -19,6 +20,8 @@ PREFETCH = 32   # scattered extents whose reads are started ahead of the one bei
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 _SYNC_FILE_RANGE_WRITE = 2
+
+log = logging.getLogger("fusemirror.image")
 
 
 class Image:
@@ -102,3 +105,50 @@ class Image:
         faults.check("image.flush")
         os.fdatasync(self.fd)
         faults.synced(self.path)
+
+
+class WriteBehind:
+    """Start an image's write-back every ``every`` bytes written (the master's and each
+    slave's: ``--write-behind``; see ARCHITECTURE.md, "Write-behind").
+
+    The kernel would otherwise keep a large write dirty in the page cache and the next
+    fdatasync would write all of it while its caller waits (1 GiB: 1.7-3.0 s on the bench VM,
+    0.01-0.03 s with write-back started every 4 MiB). Not a flush: durability still comes only
+    from fdatasync, which also reports any write the disk lost. The caller counts with
+    :meth:`due` on its write path (no system call) and runs :meth:`start` in a worker thread
+    when it says so; one start runs at a time. Starts are counted in ``stats["writebacks"]``.
+    """
+
+    def __init__(self, image: Image, every: int, stats: dict[str, Any], what: str) -> None:
+        self.image = image
+        self.every = every
+        self.stats = stats
+        self.what = what
+        self.unstarted = 0          # bytes written since write-back was last started
+        self.running = False
+        stats.setdefault("writebacks", 0)
+
+    def due(self, nbytes: int) -> bool:
+        """Count a write; True when a start is due now (then run :meth:`start`)."""
+        self.unstarted += nbytes
+        if not self.every or self.unstarted < self.every or self.running:
+            return False
+        self.running = True
+        self.unstarted = 0
+        return True
+
+    def flushed(self) -> None:
+        """An fdatasync begins: it writes back everything written so far."""
+        self.unstarted = 0
+
+    def start(self) -> None:
+        """Blocking: start the write-back. A failure is logged; the next fdatasync reports
+        any write it lost."""
+        try:
+            self.image.start_writeback()
+            self.stats["writebacks"] += 1
+        except OSError as e:
+            log.error("%s: starting write-back failed: %s (the next fdatasync reports any "
+                      "write it lost)", self.what, e)
+        finally:
+            self.running = False
