@@ -300,7 +300,8 @@ class Connection:
         if self._end - self._pos + n > MAX_PAYLOAD + HEADER.size + (16 << 20):
             self._fail("peer sends faster than it is read")
         if len(self._buf) - self._end < n:
-            self._rebuffer(self._end - self._pos + n)
+            have = self._end - self._pos
+            self._rebuffer(max(have + n, 2 * have))   # doubling: no quadratic copying
         self._buf[self._end:self._end + n] = data
         self._end += n
 
@@ -318,16 +319,19 @@ class Connection:
         have = self._end - self._pos
         if not self.authenticated:
             # an unauthenticated peer gets room only for what it actually sends: a header
-            # announcing megabytes must not make us allocate them
+            # announcing megabytes must not make us allocate them; the buffer doubles, so a
+            # large frame is not copied once per read
             want = have + HANDSHAKE_ROOM
+            size = max(want, 2 * have)
         else:
             want = have + RECV_ROOM
             if have >= HEADER.size:
                 length = HEADER.unpack_from(self._buf, self._pos)[3]
                 if length <= MAX_PAYLOAD:      # a bigger one fails in next_event
                     want = max(want, HEADER.size + length)
+            size = want
         if len(self._buf) - self._pos < want:
-            self._rebuffer(want)
+            self._rebuffer(size)
         return memoryview(self._buf)[self._end:]
 
     def missing(self) -> int:

@@ -233,6 +233,30 @@ def test_missing_counts_the_rest_of_the_frame() -> None:
     assert a.missing() == P.HEADER.size
 
 
+def test_buffer_grows_by_doubling(monkeypatch) -> None:
+    """A large frame arriving in small reads (before authentication, or through
+    ``receive_data``) moves to a bigger buffer a logarithmic number of times, not once per
+    read: a 4 MiB frame announced by an unauthenticated peer must not cost gigabytes of
+    copying."""
+    moves: list[int] = []
+    real = P.Connection._rebuffer
+
+    def counting(self: P.Connection, size: int) -> None:
+        moves.append(size)
+        real(self, size)
+
+    monkeypatch.setattr(P.Connection, "_rebuffer", counting)
+    head = P.HEADER.pack(P.MAGIC, P.VERSION, P.T_HELLO, 4 << 20)
+    for zero_copy in (True, False):
+        moves.clear()
+        a = P.Connection("agent", SECRET, nonce=AGENT_NONCE)
+        _give(a, head, zero_copy)
+        for _ in range(((4 << 20) - 65536) // 8192):
+            _give(a, bytes(8192), zero_copy)
+            assert a.next_event() is P.NEED_DATA
+        assert len(moves) <= 24, (zero_copy, len(moves))
+
+
 def test_send_before_authentication_refused() -> None:
     m, a = pair()
     with pytest.raises(P.ProtocolError):
