@@ -346,9 +346,6 @@ def test_add_slave_refusals_and_status_fields(tmp_path, agent_factory, secret_fi
 
 def test_offline_sync_is_killed_and_resumes(tmp_path, agent_factory, secret_file) -> None:
     """`fusemirror sync` on an unmounted unit: killed half-way, run again, it resumes."""
-    import sys
-    import time
-
     agent = agent_factory()
     unit = tmp_path / "m"
     run_fm("create", str(unit), "--size", "64M", "--secret-file", str(secret_file))
@@ -370,7 +367,6 @@ def test_offline_sync_is_killed_and_resumes(tmp_path, agent_factory, secret_file
     saved = progress()
     assert 16 * MiB <= saved < 64 * MiB
     run_fm("set", str(unit), "--image", "s1", "sync_rate=0")
-    t0 = time.monotonic()
     r = run_fm("sync", str(unit), "s1")
     assert "synchronized" in r.stdout
     resumed = [ln for ln in r.stderr.splitlines() if "resuming at" in ln]
@@ -381,7 +377,6 @@ def test_offline_sync_is_killed_and_resumes(tmp_path, agent_factory, secret_file
     s1 = next(i for i in db["images"] if i["role"] == "slave")
     assert s1["state"] in ("CONSISTENT", "SYNCHRONIZED") and s1["sync_progress"] is None
     assert images_equal(unit / "image", agent.root / "s1" / "image")
-    assert time.monotonic() - t0 < 60 and sys.platform
 
 
 def test_slave_added_to_an_active_mirror_is_synchronized(tmp_path, agent_factory, secret_file,
