@@ -6,13 +6,14 @@
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.fusemirror-installed
+TSTAMP := $(VENV)/.fusemirror-test-installed
 
 .PHONY: demo test setup bench clean
 
 demo: $(STAMP)
 	$(PY) tools/demo
 
-test: $(STAMP)
+test: $(TSTAMP)
 	$(PY) -m pytest -q tests
 
 setup: $(STAMP)
@@ -23,6 +24,10 @@ bench: $(STAMP)
 
 $(STAMP): pyproject.toml tools/setup.sh
 	tools/setup.sh $(VENV)
+
+# what only the tests need besides (PostgreSQL for the example the tests run)
+$(TSTAMP): $(STAMP)
+	tools/setup.sh $(VENV) test
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
