@@ -386,8 +386,14 @@ class SlaveLink:
         entry.done.set()
 
     def _overflow(self) -> None:
-        """Async backlog full: drop what is queued (it becomes missed) and catch up later."""
-        dropped, self._queue = self._queue, collections.deque()
+        """Async backlog full: drop the queued writes (they become missed) and catch up later.
+
+        Flushes and requests keep their place in the stream: a request such as a database
+        update may be half of a pair (``db_prepare``, then ``db_commit``), and its caller waits
+        for its answer.
+        """
+        dropped = [e for e in self._queue if not e.flush and e.make is None]
+        self._queue = collections.deque(e for e in self._queue if e.flush or e.make is not None)
         for entry in dropped:
             self._finish(entry, False)
         log.warning("slave %s: write backlog overflow (%d blocks): falling back to its "
@@ -407,6 +413,9 @@ class SlaveLink:
         await entry.done.wait()
         if isinstance(entry.answer, LinkDown):
             raise entry.answer
+        if entry.answer is None:
+            raise LinkDown(f"slave {self.name}: the connection was lost before the request "
+                           "was sent")
         if isinstance(entry.answer, P.Error):
             raise OSError(entry.answer.errno or errno.EIO, entry.answer.message)
         return entry.answer
@@ -435,6 +444,8 @@ class SlaveLink:
                     self.flushed_gseq = max(self.flushed_gseq, entry.gseq)
                 if isinstance(w.answer, P.Error):
                     self.last_error = w.answer.message
+                if isinstance(w.answer, P.Error) and entry.make is None:
+                    # (a request's error answer is its caller's to report)
                     log.error("slave %s: %s failed: %s", self.name,
                               "flush" if entry.flush else "write", w.answer.message)
                 self._finish(entry, ok)
