@@ -33,6 +33,16 @@ REJOIN = "rejoin.json"
 
 
 # ---- pushing the database -------------------------------------------------------------------
+
+def _why(e: BaseException, timeout: float) -> str:
+    """A member's failure in words: an agent's refusal without the errno ("[Errno 22] ...")."""
+    if isinstance(e, trio.TooSlowError):
+        return f"no answer within {timeout:g}s"
+    if isinstance(e, OSError) and e.strerror:
+        return str(e.strerror)
+    return str(e)
+
+
 async def push_db(db: MirrorDB, secret: bytes, *, skip: set[str] = frozenset(),
                   timeout: float = 5.0) -> dict[str, str]:
     """Prepare, then commit, ``db`` on every member with an address (but ``skip``).
@@ -57,7 +67,7 @@ async def push_db(db: MirrorDB, secret: bytes, *, skip: set[str] = frozenset(),
                     results[img["name"]] = "prepared"
                     chans[img["name"]] = chan
                 except (LinkDown, OSError, trio.TooSlowError) as e:
-                    results[img["name"]] = f"refused: {e}"
+                    results[img["name"]] = f"refused: {_why(e, timeout)}"
                 if img["name"] not in chans:
                     n.cancel_scope.cancel()
                 else:
@@ -67,7 +77,7 @@ async def push_db(db: MirrorDB, secret: bytes, *, skip: set[str] = frozenset(),
                             await chan.request("db_commit", generation=list(db.generation))
                         results[img["name"]] = "ok"
                     except (LinkDown, OSError, trio.TooSlowError) as e:
-                        results[img["name"]] = f"commit failed: {e}"
+                        results[img["name"]] = f"commit failed: {_why(e, timeout)}"
                     n.cancel_scope.cancel()
         finally:
             await chan.aclose()
