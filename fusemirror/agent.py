@@ -24,7 +24,7 @@ import trio
 import xxhash
 
 from . import protocol as P, states
-from .errors import FusemirrorError, UsageError
+from .errors import CorruptError, FusemirrorError, UsageError
 from .image import Image, WriteBehind
 from .mirrordb import MirrorDB, atomic_write
 from .unit import UnitLock, UnitPaths, create_slave_unit, is_unit
@@ -367,7 +367,7 @@ class Session:
 
     async def _create(self, args: dict[str, Any]) -> dict[str, Any]:
         """add-slave: make ROOT/NAME with an image of the master's size (or accept one)."""
-        db = MirrorDB(args["db"])
+        db = _peer_db(args["db"])
         size = int(db.size)
         if is_unit(self.path):
             old = MirrorDB.load(self.path)
@@ -444,9 +444,13 @@ class Session:
         return {"generation": list(db.generation)}
 
     def _accept_db(self, data: dict[str, Any], current: MirrorDB) -> MirrorDB:
-        db = MirrorDB(data)
+        db = _peer_db(data)
         if db.mirror["id"] != current.mirror["id"]:
             raise FusemirrorError("database of another mirror")
+        for key in ("size", "block_size", "extent_size"):
+            if db.mirror[key] != current.mirror[key]:
+                raise FusemirrorError(f"database refused: {key} {db.mirror[key]} differs from "
+                                      f"this unit's {current.mirror[key]}")
         if current.self_image["role"] == "master":
             raise FusemirrorError(f"unit {self.name} is a master now; it takes no database "
                                   "from another member")
@@ -522,6 +526,15 @@ class Session:
         if u is None:
             return {"open": False}
         return {"open": True, "size": u.image.size, "db": u.db.data}
+
+
+def _peer_db(data: Any) -> MirrorDB:
+    """A database copy a master sent: one that fails validation is a malformed request (a
+    protocol error for that connection), never stored."""
+    try:
+        return MirrorDB(data).validate()
+    except CorruptError as e:
+        raise ValueError(e.msg) from None
 
 
 def _digests(image: Image, off: int, length: int, bs: int) -> list[int]:

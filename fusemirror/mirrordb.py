@@ -17,6 +17,9 @@ On-disk format, version 1 (JSON, UTF-8)::
 
 The generation (the patent's "cookie") is a counter plus a random id, with its history, so two
 members that changed apart are told apart even when their counters agree.
+
+Every copy read from disk (:meth:`MirrorDB.load`) or received from a peer (the agent) is checked
+by :meth:`MirrorDB.validate` first: types, states, attribute values, unique image ids.
 """
 
 from __future__ import annotations
@@ -176,7 +179,10 @@ class MirrorDB:
         if data.get("version") != VERSION:
             raise CorruptError(f"{path}: mirror database version {data.get('version')} is not "
                                f"supported (this fusemirror reads version {VERSION})")
-        return cls(data)
+        try:
+            return cls(data).validate()
+        except CorruptError as e:
+            raise CorruptError(f"{path}: {e.msg}") from None
 
     def save(self, unit_dir: str) -> None:
         """Write crash-atomically: temporary file, fsync, rename, fsync the directory."""
@@ -185,6 +191,73 @@ class MirrorDB:
 
     def copy(self) -> "MirrorDB":
         return MirrorDB(copy.deepcopy(self.data))
+
+    def validate(self) -> "MirrorDB":
+        """Check the structure every reader relies on; raise CorruptError naming the first
+        problem. Run on every copy read from disk and on every copy a peer sends (an agent
+        stores a master's copy as its own: a wrong type there would surface later, as a crash of
+        `status`, `promote` or the next mount, far from its cause)."""
+        def need(ok: Any, what: str) -> None:
+            if not ok:
+                raise CorruptError(f"mirror database: {what}")
+
+        def text(v: Any) -> bool:
+            return isinstance(v, str) and 0 < len(v) <= 1024 and v.isprintable()
+
+        def integer(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        d = self.data
+        need(isinstance(d, dict), "not an object")
+        need(d.get("format") == FORMAT, f"format is not {FORMAT!r}")
+        need(d.get("version") == VERSION, f"version {d.get('version')!r} is not {VERSION}")
+        m = d.get("mirror")
+        need(isinstance(m, dict), "no mirror record")
+        need(text(m.get("id")) and text(m.get("name")), "mirror id or name missing")
+        need(m.get("state") in states.MIRROR_STATES, f"mirror state {m.get('state')!r}")
+        bs, es, size = m.get("block_size"), m.get("extent_size"), m.get("size")
+        need(integer(bs) and bs >= 512 and not bs & (bs - 1), f"block_size {bs!r}")
+        need(integer(es) and es >= bs and es % bs == 0, f"extent_size {es!r}")
+        need(integer(size) and size > 0, f"size {size!r}")
+        for key, attr in MIRROR_ATTRS.items():
+            if key in m:
+                try:
+                    need(attr.conv(m[key]) == m[key], f"{key} {m[key]!r}")
+                except (ValueError, TypeError) as e:
+                    raise CorruptError(f"mirror database: {key} {m[key]!r} is not {e}") from None
+        g = d.get("generation")
+        need(isinstance(g, dict) and integer(g.get("counter")) and g["counter"] >= 1
+             and text(g.get("id")), "generation")
+        hist = g.get("history", [])
+        need(isinstance(hist, list) and all(
+            isinstance(h, list) and len(h) == 2 and integer(h[0]) and text(h[1]) for h in hist),
+            "generation history")
+        imgs = d.get("images")
+        need(isinstance(imgs, list) and imgs, "no images")
+        ids = set()
+        for img in imgs:
+            need(isinstance(img, dict) and text(img.get("id")) and text(img.get("name")),
+                 "an image without id or name")
+            name = img["name"]
+            need(img["id"] not in ids, f"image id {img['id']} twice")
+            ids.add(img["id"])
+            need(img.get("role") in ("master", "slave"), f"image {name}: role {img.get('role')!r}")
+            need(img.get("state") in states.IMAGE_STATES,
+                 f"image {name}: state {img.get('state')!r}")
+            need(img.get("address") is None or text(img.get("address")),
+                 f"image {name}: address {img.get('address')!r}")
+            sp = img.get("sync_progress")
+            need(sp is None or (integer(sp) and 0 <= sp <= size),
+                 f"image {name}: sync_progress {sp!r}")
+            for key, attr in IMAGE_ATTRS.items():
+                if key in img:
+                    try:
+                        need(attr.conv(img[key]) == img[key], f"image {name}: {key} {img[key]!r}")
+                    except (ValueError, TypeError) as e:
+                        raise CorruptError(f"mirror database: image {name}: {key} {img[key]!r} "
+                                           f"is not {e}") from None
+        need("self" not in d or d["self"] in ids, "'self' names no image")
+        return self
 
     # ---- accessors -----------------------------------------------------------------------
     @property

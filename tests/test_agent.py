@@ -511,6 +511,24 @@ MALFORMED = [
     ("s1", "db_write", {"db": []}),
     ("s1", "no-such-op", {}),
 ]
+# database copies an authenticated master might send: each wrong in one place (see
+# test_malformed_databases); before validation the agent stored such a copy as its own
+BAD_DB = [
+    ("mirror size a string", lambda d: d["mirror"].__setitem__("size", "8M")),
+    ("block size not a power of two", lambda d: d["mirror"].__setitem__("block_size", 3000)),
+    ("unknown mirror state", lambda d: d["mirror"].__setitem__("state", "HAPPY")),
+    ("write policy", lambda d: d["mirror"].__setitem__("write_policy", "sometimes")),
+    ("heartbeat negative", lambda d: d["mirror"].__setitem__("heartbeat", -1)),
+    ("generation counter a string", lambda d: d["generation"].__setitem__("counter", "7")),
+    ("history entry", lambda d: d["generation"]["history"].append(["x"])),
+    ("images not a list", lambda d: d.__setitem__("images", {})),
+    ("image role", lambda d: d["images"][-1].__setitem__("role", "boss")),
+    ("image state", lambda d: d["images"][-1].__setitem__("state", 3)),
+    ("image address", lambda d: d["images"][-1].__setitem__("address", ["h", 1])),
+    ("image id twice", lambda d: d["images"].append(dict(d["images"][0]))),
+    ("sync_progress past the end", lambda d: d["images"][-1].__setitem__("sync_progress", 1 << 40)),
+    ("recovery policy", lambda d: d["images"][-1].__setitem__("recovery_policy", "maybe")),
+]
 
 
 def test_malformed_requests(slave: Slave) -> None:
@@ -537,6 +555,48 @@ def test_malformed_requests(slave: Slave) -> None:
             assert "protocol error" in s.disconnected(port, before["log"])[0]
         except Exception as e:
             raise AssertionError(f"case {unit} {op} {args}: {e}") from e
+
+
+def test_malformed_databases(slave: Slave) -> None:
+    """A database copy that fails validation, in db_write or db_prepare, is a protocol error:
+    the connection ends, nothing is stored (mirror.json and the prepared copy unchanged), the
+    agent lives. A well-formed copy of another size is refused with an error answer."""
+    s = slave
+    good = json.loads((s.master / "mirror.json").read_text())
+    for what, spoil in BAD_DB:
+        for op in ("db_write", "db_prepare"):
+            before = s.snapshot()
+            db = json.loads(json.dumps(good))
+            spoil(db)
+
+            async def go() -> int:
+                opener = Opened(s, "s1", open=op == "db_write")
+                async with opener as chan:
+                    with pytest.raises(LinkDown):
+                        await chan.request(op, db=db)
+                    await closed_by_agent(chan, None)
+                return opener.port
+
+            try:
+                port = run(go)
+                check_aftermath(s, before, [port])
+                assert "protocol error" in s.disconnected(port, before["log"])[0]
+                assert not (s.unit / "mirror.json.prepared").exists()
+            except Exception as e:
+                raise AssertionError(f"case {what!r} by {op}: {e}") from e
+    before = s.snapshot()
+    db = json.loads(json.dumps(good))
+    db["mirror"]["size"] = 2 * SIZE
+
+    async def other_size() -> None:
+        async with Opened(s) as chan:
+            with pytest.raises(OSError, match="size .* differs"):
+                await chan.request("db_write", db=db)
+            assert isinstance(await chan.call(lambda q: P.Ping(q)), P.Ack)   # still served
+
+    run(other_size)
+    assert (s.unit / "mirror.json").read_bytes() == before["db"]
+    assert s.agent.alive()
 
 
 # ---- unit names ---------------------------------------------------------------------------------

@@ -108,3 +108,22 @@ def test_sizes() -> None:
     with pytest.raises(UsageError):
         parse_size("4X")
     assert format_size(1 << 30) == "1GiB" and format_size(1536) == "1.5KiB"
+
+
+def test_a_damaged_database_is_named_not_a_traceback(tmp_path: Path) -> None:
+    """A mirror.json edited into nonsense (a wrong type where every reader relies on one) is
+    refused on load with the file and the field named; `status` and `mount` exit 1 without a
+    traceback and change nothing."""
+    u = tmp_path / "m"
+    run_fm("create", str(u), "--size", "64M")
+    db = json.loads((u / "mirror.json").read_text())
+    db["images"][0]["state"] = "HAPPY"
+    (u / "mirror.json").write_text(json.dumps(db))
+    before = (u / "mirror.json").read_bytes()
+    for args in (("status", str(u)), ("mount", str(u), str(tmp_path / "mnt"))):
+        (tmp_path / "mnt").mkdir(exist_ok=True)
+        r = run_fm(*args, check=False)
+        assert r.returncode == 1, (args, r.stderr)
+        assert "mirror.json" in r.stderr and "state 'HAPPY'" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+    assert (u / "mirror.json").read_bytes() == before
