@@ -444,10 +444,9 @@ class SlaveLink:
                     self.flushed_gseq = max(self.flushed_gseq, entry.gseq)
                 if isinstance(w.answer, P.Error):
                     self.last_error = w.answer.message
-                if isinstance(w.answer, P.Error) and entry.make is None:
-                    # (a request's error answer is its caller's to report)
-                    log.error("slave %s: %s failed: %s", self.name,
-                              "flush" if entry.flush else "write", w.answer.message)
+                    if entry.make is None:   # a request's error answer is its caller's to report
+                        log.error("slave %s: %s failed: %s", self.name,
+                                  "flush" if entry.flush else "write", w.answer.message)
                 self._finish(entry, ok)
 
             try:

@@ -207,6 +207,17 @@ class MirrorDB:
         def integer(v: Any) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
 
+        def attrs(rec: dict[str, Any], table: dict[str, Attr], where: str) -> None:
+            """Each settable attribute present holds a value its validator keeps as is."""
+            for key, attr in table.items():
+                if key in rec:
+                    try:
+                        ok = attr.conv(rec[key]) == rec[key]
+                    except (ValueError, TypeError) as e:
+                        raise CorruptError(f"mirror database: {where}{key} {rec[key]!r} is not "
+                                           f"{e}") from None
+                    need(ok, f"{where}{key} {rec[key]!r}")
+
         d = self.data
         need(isinstance(d, dict), "not an object")
         need(d.get("format") == FORMAT, f"format is not {FORMAT!r}")
@@ -219,12 +230,7 @@ class MirrorDB:
         need(integer(bs) and bs >= 512 and not bs & (bs - 1), f"block_size {bs!r}")
         need(integer(es) and es >= bs and es % bs == 0, f"extent_size {es!r}")
         need(integer(size) and size > 0, f"size {size!r}")
-        for key, attr in MIRROR_ATTRS.items():
-            if key in m:
-                try:
-                    need(attr.conv(m[key]) == m[key], f"{key} {m[key]!r}")
-                except (ValueError, TypeError) as e:
-                    raise CorruptError(f"mirror database: {key} {m[key]!r} is not {e}") from None
+        attrs(m, MIRROR_ATTRS, "")
         g = d.get("generation")
         need(isinstance(g, dict) and integer(g.get("counter")) and g["counter"] >= 1
              and text(g.get("id")), "generation")
@@ -249,13 +255,7 @@ class MirrorDB:
             sp = img.get("sync_progress")
             need(sp is None or (integer(sp) and 0 <= sp <= size),
                  f"image {name}: sync_progress {sp!r}")
-            for key, attr in IMAGE_ATTRS.items():
-                if key in img:
-                    try:
-                        need(attr.conv(img[key]) == img[key], f"image {name}: {key} {img[key]!r}")
-                    except (ValueError, TypeError) as e:
-                        raise CorruptError(f"mirror database: image {name}: {key} {img[key]!r} "
-                                           f"is not {e}") from None
+            attrs(img, IMAGE_ATTRS, f"image {name}: ")
         need("self" not in d or d["self"] in ids, "'self' names no image")
         return self
 

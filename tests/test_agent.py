@@ -433,6 +433,29 @@ async def closed_by_agent(chan: Channel, w: _Waiter | None) -> None:
         assert isinstance(w.answer, LinkDown), f"the agent answered {w.answer}"
 
 
+def _tcp_queues(local_port: int, remote_port: int) -> tuple[int, int] | None:
+    """(tx_queue, rx_queue) of the IPv4 socket local_port -> remote_port (/proc/net/tcp)."""
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            lport = int(fields[1].rsplit(":", 1)[1], 16)
+            rport = int(fields[2].rsplit(":", 1)[1], 16)
+            if (lport, rport) == (local_port, remote_port):
+                tx, rx = fields[4].split(":")
+                return int(tx, 16), int(rx, 16)
+    return None
+
+
+async def agent_has_read_all(s: Slave, client_port: int) -> None:
+    """Wait until every byte we sent has left our socket and the agent has read it from its
+    own: the agent then holds what we sent (a truncated frame) and waits for the rest."""
+    with trio.fail_after(CLOSE_TIMEOUT):
+        while (_tcp_queues(client_port, s.agent.port) or (1, 1))[0] or \
+                (_tcp_queues(s.agent.port, client_port) or (1, 1))[1]:
+            await trio.sleep(0.005)
+
+
 @pytest.mark.parametrize("when", ["hello", "header", "after-open"])
 def test_truncated_frame_then_close(slave: Slave, when: str) -> None:
     s = slave
@@ -443,7 +466,7 @@ def test_truncated_frame_then_close(slave: Slave, when: str) -> None:
             stream, port = await connect(s)
             hello = hello_frame("s1", s.mirror)
             await stream.send_all(hello[:-5] if when == "hello" else hello[:5])
-            await trio.sleep(0.2)                  # the agent waits for the rest ...
+            await agent_has_read_all(s, port)      # the agent waits for the rest ...
             await half_close(stream)               # ... and closes when none comes
             assert frame_types(await until_closed(stream)) == []
             return port
@@ -452,7 +475,7 @@ def test_truncated_frame_then_close(slave: Slave, when: str) -> None:
             seq = chan.conn.next_seq()
             frame = write_frame(seq, 0, b"\xab" * (4 * BS))
             w = await send_raw(chan, frame[:-100], seq)
-            await trio.sleep(0.2)
+            await agent_has_read_all(s, port)
             await chan.stream.send_eof()
             await closed_by_agent(chan, w)
         return port
@@ -531,28 +554,35 @@ BAD_DB = [
 ]
 
 
+def refused_as_protocol_error(s: Slave, unit: str, op: str, args: dict[str, Any], *,
+                              open: bool) -> None:
+    """Send request ``op`` (after opening ``unit`` if ``open``): the agent must end the
+    connection without an answer, log a protocol error for it, and change nothing."""
+    before = s.snapshot()
+
+    async def go() -> int:
+        opener = Opened(s, unit, open=open)
+        async with opener as chan:
+            with pytest.raises(LinkDown):
+                await chan.request(op, **args)
+            await closed_by_agent(chan, None)
+        return opener.port
+
+    port = run(go)
+    check_aftermath(s, before, [port])
+    assert "protocol error" in s.disconnected(port, before["log"])[0]
+
+
 def test_malformed_requests(slave: Slave) -> None:
     """An authenticated master's malformed request ends that connection, not the agent
     (before the fix, a KeyError/ValueError/TypeError from the arguments killed the agent).
     One agent for all cases (each checked in full before the next) to keep the run short."""
     s = slave
     for unit, op, args in MALFORMED:
-        before = s.snapshot()
         if op == "open":
             args = dict(args, mirror_id=s.mirror_id)
-
-        async def go() -> int:
-            opener = Opened(s, unit, open=op in ("db_write", "no-such-op"))
-            async with opener as chan:
-                with pytest.raises(LinkDown):
-                    await chan.request(op, **args)
-                await closed_by_agent(chan, None)
-            return opener.port
-
         try:
-            port = run(go)
-            check_aftermath(s, before, [port])
-            assert "protocol error" in s.disconnected(port, before["log"])[0]
+            refused_as_protocol_error(s, unit, op, args, open=op in ("db_write", "no-such-op"))
         except Exception as e:
             raise AssertionError(f"case {unit} {op} {args}: {e}") from e
 
@@ -565,22 +595,10 @@ def test_malformed_databases(slave: Slave) -> None:
     good = json.loads((s.master / "mirror.json").read_text())
     for what, spoil in BAD_DB:
         for op in ("db_write", "db_prepare"):
-            before = s.snapshot()
             db = json.loads(json.dumps(good))
             spoil(db)
-
-            async def go() -> int:
-                opener = Opened(s, "s1", open=op == "db_write")
-                async with opener as chan:
-                    with pytest.raises(LinkDown):
-                        await chan.request(op, db=db)
-                    await closed_by_agent(chan, None)
-                return opener.port
-
             try:
-                port = run(go)
-                check_aftermath(s, before, [port])
-                assert "protocol error" in s.disconnected(port, before["log"])[0]
+                refused_as_protocol_error(s, "s1", op, {"db": db}, open=op == "db_write")
                 assert not (s.unit / "mirror.json.prepared").exists()
             except Exception as e:
                 raise AssertionError(f"case {what!r} by {op}: {e}") from e
