@@ -50,6 +50,7 @@ HEADER = struct.Struct(">2sBBI")
 MAX_PAYLOAD = 4 << 20 | 65536     # one 4 MiB data frame plus its digests
 MAX_DATA = 4 << 20
 MAX_JSON = 1 << 20
+MAX_HANDSHAKE = 8192              # a frame before authentication (HELLO is the largest)
 NONCE = 32
 MAC = 32
 UNIT_NAME_MAX = 128
@@ -328,7 +329,9 @@ class Connection:
             if have >= HEADER.size:
                 length = HEADER.unpack_from(self._buf, self._pos)[3]
                 if length <= MAX_PAYLOAD:      # a bigger one fails in next_event
-                    want = max(want, HEADER.size + length)
+                    # the whole frame and room beyond it, as a spare is sized: exactly the
+                    # frame would be outgrown (and copied) once per read near its end
+                    want = max(want, HEADER.size + length + RECV_ROOM)
             size = want
         if len(self._buf) - self._pos < want:
             self._rebuffer(size)
@@ -388,6 +391,11 @@ class Connection:
             self._fail(f"protocol version {version} not supported (this side speaks {VERSION})")
         if length > MAX_PAYLOAD:
             self._fail(f"frame of {length} bytes exceeds the maximum {MAX_PAYLOAD}")
+        if length > MAX_HANDSHAKE and not self.authenticated:
+            # refused on the header: an unauthenticated peer must not make us hold megabytes
+            # (the payload would otherwise be received before anything looks at it)
+            self._fail(f"frame of {length} bytes before authentication (at most "
+                       f"{MAX_HANDSHAKE})")
         if self._end - pos < HEADER.size + length:
             return NEED_DATA
         start = pos + HEADER.size

@@ -399,16 +399,18 @@ def test_frame_before_authentication(slave: Slave, kind: str) -> None:
     assert "before authentication" in s.disconnected(port)[0]
 
 
-@pytest.mark.parametrize("when", ["first-frame", "after-open"])
+@pytest.mark.parametrize("when", ["first-frame", "handshake-sized", "after-open"])
 def test_oversized_length(slave: Slave, when: str) -> None:
     s = slave
     before = s.snapshot()
 
     async def go() -> int:
-        if when == "first-frame":
+        if when != "after-open":
+            # a HELLO announcing more than a handshake needs is refused on its header too:
+            # an unauthenticated peer cannot make the agent hold megabytes per connection
+            length = P.MAX_PAYLOAD + 1 if when == "first-frame" else P.MAX_HANDSHAKE + 1
             stream, port = await connect(s)
-            await stream.send_all(P.HEADER.pack(P.MAGIC, P.VERSION, P.T_HELLO,
-                                                P.MAX_PAYLOAD + 1))
+            await stream.send_all(P.HEADER.pack(P.MAGIC, P.VERSION, P.T_HELLO, length))
             assert frame_types(await until_closed(stream)) == []  # closed, payload not awaited
             return port
         async with Opened(s) as chan:
@@ -421,7 +423,8 @@ def test_oversized_length(slave: Slave, when: str) -> None:
 
     port = run(go)
     check_aftermath(s, before, [port])
-    assert "exceeds" in s.disconnected(port)[0]
+    why = s.disconnected(port)[0]
+    assert ("before authentication" if when == "handshake-sized" else "exceeds") in why, why
 
 
 async def closed_by_agent(chan: Channel, w: _Waiter | None) -> None:
@@ -651,7 +654,8 @@ def test_huge_nested_hello(slave: Slave) -> None:
 
     async def go() -> int:
         stream, port = await connect(s)
-        await stream.send_all(P._frame(P.T_HELLO, b"[" * 200_000))
+        # deeper than the recursion limit, within what a frame before authentication may hold
+        await stream.send_all(P._frame(P.T_HELLO, b"[" * (P.MAX_HANDSHAKE - 100)))
         await until_closed(stream)
         return port
 

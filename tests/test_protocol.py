@@ -234,10 +234,9 @@ def test_missing_counts_the_rest_of_the_frame() -> None:
 
 
 def test_buffer_grows_by_doubling(monkeypatch) -> None:
-    """A large frame arriving in small reads (before authentication, or through
-    ``receive_data``) moves to a bigger buffer a logarithmic number of times, not once per
-    read: a 4 MiB frame announced by an unauthenticated peer must not cost gigabytes of
-    copying."""
+    """A large frame arriving in small reads moves to a bigger buffer a logarithmic number of
+    times, not once per read: a 4 MiB frame must not cost gigabytes of copying (before
+    authentication such a frame is refused on its header; see below)."""
     moves: list[int] = []
     real = P.Connection._rebuffer
 
@@ -246,10 +245,10 @@ def test_buffer_grows_by_doubling(monkeypatch) -> None:
         real(self, size)
 
     monkeypatch.setattr(P.Connection, "_rebuffer", counting)
-    head = P.HEADER.pack(P.MAGIC, P.VERSION, P.T_HELLO, 4 << 20)
+    head = P.HEADER.pack(P.MAGIC, P.VERSION, P.T_REQUEST, 4 << 20)
     for zero_copy in (True, False):
+        m, a = ready()
         moves.clear()
-        a = P.Connection("agent", SECRET, nonce=AGENT_NONCE)
         _give(a, head, zero_copy)
         for _ in range(((4 << 20) - 65536) // 8192):
             _give(a, bytes(8192), zero_copy)
@@ -405,8 +404,9 @@ def test_malformed_hello_refused() -> None:
                        "nonce": MASTER_NONCE.hex()}).encode(),
            json.dumps({"version": 1, "unit": UNIT, "mirror": "m" * 300,
                        "nonce": MASTER_NONCE.hex()}).encode(),
-           b"[" * 100_000,                          # nesting deeper than the recursion limit
-           b'{"a":' * 50_000]
+           # nesting deeper than the recursion limit, within a handshake frame's size
+           b"[" * (P.MAX_HANDSHAKE - 8),
+           b'{"a":' * ((P.MAX_HANDSHAKE - 8) // 5)]
     for payload in bad:
         a = P.Connection("agent", SECRET, nonce=AGENT_NONCE)
         refused(a, frame(P.T_HELLO, payload))
@@ -420,7 +420,7 @@ def test_deeply_nested_json_after_authentication() -> None:
     m.send(P.Ping(seq))
     refused(m, frame(P.T_REPLY, struct.pack(">Q", seq) + b"{\"a\":" * 50_000))
     m = master_waiting_for_challenge()
-    refused(m, frame(P.T_CHALLENGE, b"[" * 100_000))
+    refused(m, frame(P.T_CHALLENGE, b"[" * P.MAX_HANDSHAKE), match="malformed")
 
 
 # ---- frame sizes --------------------------------------------------------------------------------
@@ -438,9 +438,28 @@ def test_oversized_length_refused_before_payload(length: int) -> None:
 
 def test_maximum_length_is_accepted_as_need_data() -> None:
     a = P.Connection("agent", SECRET, nonce=AGENT_NONCE)
-    a.receive_data(P.HEADER.pack(P.MAGIC, P.VERSION, P.T_HELLO, P.MAX_PAYLOAD))
+    a.receive_data(P.HEADER.pack(P.MAGIC, P.VERSION, P.T_HELLO, P.MAX_HANDSHAKE))
     assert a.next_event() is P.NEED_DATA
     assert a.state == "AWAIT_HELLO"
+    m, a = ready()
+    a.receive_data(P.HEADER.pack(P.MAGIC, P.VERSION, P.T_WRITE, P.MAX_PAYLOAD))
+    assert a.next_event() is P.NEED_DATA
+
+
+@pytest.mark.parametrize("length", [P.MAX_HANDSHAKE + 1, P.MAX_PAYLOAD])
+def test_large_frame_before_authentication_refused_on_its_header(length: int) -> None:
+    """Before authentication a peer gets a few KiB per frame: a HELLO (or a CHALLENGE to a
+    master) announcing megabytes is refused on its header, before any payload is held."""
+    a = P.Connection("agent", SECRET, nonce=AGENT_NONCE)
+    refused(a, P.HEADER.pack(P.MAGIC, P.VERSION, P.T_HELLO, length),
+            match="before authentication")
+    m = master_waiting_for_challenge()
+    refused(m, P.HEADER.pack(P.MAGIC, P.VERSION, P.T_CHALLENGE, length),
+            match="before authentication")
+    # after authentication the same size is an ordinary frame
+    m, a = ready()
+    a.receive_data(P.HEADER.pack(P.MAGIC, P.VERSION, P.T_REQUEST, length))
+    assert a.next_event() is P.NEED_DATA
 
 
 def test_bad_magic_and_version_refused() -> None:
