@@ -143,6 +143,9 @@ class Engine:
         await self._drained.wait()
         if self.journal is None:
             return
+        async with trio.open_nursery() as n:     # async slaves' backlogs
+            for link in self.links:
+                n.start_soon(link.drain)
         eligible = [e for e, st in self.extents.items() if self._retirable(st)]
         if eligible:
             try:
@@ -152,8 +155,10 @@ class Engine:
                           len(eligible), e)
         left = len(self.extents)
         if left:
-            log.warning("stopping with %d extents still logged (I/O errors): run "
-                        "`fsck.fusemirror %s` before the next mount", left, self.unit_dir)
+            pinned = sum(1 for st in self.extents.values() if st.pinned or st.error is not None)
+            log.warning("stopping with %d extents still logged (%d pinned by I/O errors, %d "
+                        "not retired): run `fsck.fusemirror %s` before the next mount", left,
+                        pinned, left - pinned, self.unit_dir)
         else:
             log.info("clean stop: no intent left in the journal")
         self._all_committed()
@@ -166,7 +171,8 @@ class Engine:
         if self.extents:
             return
         for link in self.links:
-            if link.mode == "streaming" and link.queued_bytes == 0 and not link.missed:
+            if link.mode == "streaming" and link.queued_bytes == 0 and \
+                    not link.fracture_count():
                 link._set_state("all_committed")
 
     # ---- host I/O --------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from typing import Iterable, Iterator
 
 import xxhash
@@ -38,6 +39,9 @@ class FractureLog:
         nbytes = -(-nextents // 8)
         self._bits = bytearray(nbytes)
         self.count = 0
+        # add (a retire's secure) and remove (a catch-up's end) run in worker threads and may
+        # overlap: one update at a time, so the count and the pages written stay consistent
+        self._lock = threading.Lock()
         if os.path.exists(path):
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
             head = os.pread(self.fd, PAGE, 0)
@@ -97,6 +101,10 @@ class FractureLog:
         self.remove(list(self.extents()))
 
     def _update(self, extents: Iterable[int], value: bool) -> int:
+        with self._lock:
+            return self._update_locked(extents, value)
+
+    def _update_locked(self, extents: Iterable[int], value: bool) -> int:
         pages: set[int] = set()
         changed = 0
         for e in extents:

@@ -25,7 +25,7 @@ import errno
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import trio
 
@@ -39,6 +39,8 @@ log = logging.getLogger("fusemirror.link")
 
 CONNECT_TIMEOUT = 5.0
 COPY_WINDOW = 8          # catch-up/sync copies in flight at once (bounds memory)
+COPY_CHUNK = 1 << 20     # the most one copy reads and sends (well below the frame limit,
+                         # whatever the extent size)
 
 
 class LinkDown(Exception):
@@ -232,12 +234,13 @@ class _Entry:
     """One item of a link's ordered stream: a write (host or copy) or a flush."""
 
     __slots__ = ("off", "data", "exts", "sts", "flush", "done", "ok", "nblocks", "gseq",
-                 "make", "answer")
+                 "make", "answer", "copy")
 
     def __init__(self, off: int, data: bytes, exts: range | list[int], sts: list[Any],
                  flush: bool = False, nblocks: int = 0,
-                 make: Callable[[int], P.Event] | None = None) -> None:
+                 make: Callable[[int], P.Event] | None = None, copy: bool = False) -> None:
         self.make = make
+        self.copy = copy            # a catch-up or sync copy (not a host write)
         self.answer: Any = None
         self.off = off
         self.data = data
@@ -286,6 +289,9 @@ class SlaveLink:
         self.sync_requested = False
         self._window: list[_Entry] = []
         self._sync_from = 0
+        # extents missed while a catch-up or full sync runs: the copy may have read them
+        # before the write it missed, so the resync's end must not clear them
+        self._missed_during: set[int] | None = None
 
     # ---- facts -----------------------------------------------------------------------------
     @property
@@ -339,6 +345,8 @@ class SlaveLink:
         self._stamp += 1
         for e in exts:
             self.missed[e] = self._stamp
+        if self._missed_during is not None:
+            self._missed_during.update(exts)
         if not self._epoch_open and self.missed:
             # the master now holds data this slave does not: a new generation, so that a
             # promotion of the slave meanwhile is recognised as a split brain later
@@ -386,22 +394,36 @@ class SlaveLink:
         entry.done.set()
 
     def _overflow(self) -> None:
-        """Async backlog full: drop the queued writes (they become missed) and catch up later.
+        """Async backlog full: drop the queued host writes (they become missed) and catch up
+        later.
 
-        Flushes and requests keep their place in the stream: a request such as a database
-        update may be half of a pair (``db_prepare``, then ``db_commit``), and its caller waits
-        for its answer.
+        Only host writes are dropped (they are what the backlog bounds, and their extents stay
+        logged until they reach the slave or its fracture log). Flushes and requests keep their
+        place: a request such as a database update may be half of a pair (``db_prepare``, then
+        ``db_commit``), and its caller waits for its answer. Copies of a catch-up or full sync
+        keep theirs too (they are bounded by COPY_WINDOW): a full sync saves its progress after
+        a flush, which must find every copy below that point on the slave — a dropped copy
+        would be remembered in memory only, and lost with a crash.
         """
-        dropped = [e for e in self._queue if not e.flush and e.make is None]
-        self._queue = collections.deque(e for e in self._queue if e.flush or e.make is not None)
+        def host_write(e: _Entry) -> bool:
+            return not (e.flush or e.copy or e.make is not None)
+
+        dropped = [e for e in self._queue if host_write(e)]
+        self._queue = collections.deque(e for e in self._queue if not host_write(e))
         for entry in dropped:
             self._finish(entry, False)
         log.warning("slave %s: write backlog overflow (%d blocks): falling back to its "
                     "fracture log", self.name, self.engine.db.mirror["write_backlog_size"])
+        self._lost_updates()
+
+    def _lost_updates(self) -> None:
+        """Connected, but the slave lacks updates it was sent or should have been (overflow, a
+        failed write or flush): no longer SYNCHRONIZED/CONSISTENT, and the resync loop is
+        woken to catch it up from what was missed."""
         if self.mode == "streaming":
             self.mode = "catchup"
-            self._set_state("updates_lost")
-            self._wake.set()
+        self._set_state("updates_lost")
+        self._wake.set()
 
     async def call(self, make: Callable[[int], P.Event]) -> Any:
         """A request through the ordered stream (after every write queued before it)."""
@@ -442,12 +464,22 @@ class SlaveLink:
                 entry.answer = w.answer
                 if ok and entry.flush:
                     self.flushed_gseq = max(self.flushed_gseq, entry.gseq)
+                failed = isinstance(w.answer, P.Error) and entry.make is None
                 if isinstance(w.answer, P.Error):
                     self.last_error = w.answer.message
-                    if entry.make is None:   # a request's error answer is its caller's to report
-                        log.error("slave %s: %s failed: %s", self.name,
-                                  "flush" if entry.flush else "write", w.answer.message)
+                if failed:                   # a request's error answer is its caller's to report
+                    log.error("slave %s: %s failed: %s", self.name,
+                              "flush" if entry.flush else "write", w.answer.message)
+                    if entry.flush:
+                        # what was sent since the last good flush may not be durable there;
+                        # a later flush that succeeds proves nothing about it (as for the
+                        # master's own fdatasync): missed, so it is caught up and stays
+                        # logged until then
+                        self._miss([e for e, st in self.engine.extents.items()
+                                    if self.unflushed(e, st)])
                 self._finish(entry, ok)
+                if failed:
+                    self._lost_updates()
 
             try:
                 if entry.make is not None:
@@ -458,6 +490,13 @@ class SlaveLink:
                     w = await chan.submit(
                         lambda s, e=entry: P.Write(s, e.off, e.data, bs), done)
             except LinkDown:
+                self._finish(entry, False)
+                continue
+            except P.ProtocolError as e:
+                # a frame this side cannot send (a bug, not the peer's doing): this
+                # connection ends, the mirror does not
+                log.error("slave %s: cannot send: %s", self.name, e)
+                chan.fail(LinkDown(f"cannot send: {e}"))
                 self._finish(entry, False)
                 continue
             entry.gseq = self._gbase + w.seq
@@ -682,8 +721,8 @@ class SlaveLink:
         auto = self.image.get("recovery_policy", "auto") == "auto"
         if self.mode == "fractured":
             return
-        if st in (states.UNSYNCHRONIZED,) or (st == states.SYNCHRONIZING
-                                              and self.image.get("sync_progress") is not None):
+        if st == states.UNSYNCHRONIZED or self.image.get("sync_progress") is not None:
+            # (a full sync asked for during a catch-up finds the image CONSISTENT again)
             if active or self.sync_requested:
                 await self._full_sync()
             else:
@@ -699,56 +738,85 @@ class SlaveLink:
             return
         self.mode = "streaming"
 
-    async def _copy(self, start: int, length: int) -> _Entry:
-        """Copy master bytes [start, start+length) into the stream, ordered with host writes."""
+    async def _copy(self, start: int, length: int, *, advance: bool = False) -> None:
+        """Copy master bytes [start, start+length) into the stream, ordered with host writes,
+        in pieces of at most COPY_CHUNK.
+
+        Each piece is read and queued under the range lock, so a host write to it lands either
+        before the read (and is copied) or after the piece in the stream. With ``advance`` (a
+        full sync) the sync cursor passes the piece before the lock is released: a host write
+        that waited for it is then forwarded, not left for a copy that has already read.
+        """
         eng = self.engine
-        while len(self._window) >= COPY_WINDOW:
-            await self._window.pop(0).done.wait()
         es = eng.extent_size
-        exts = range(start // es, (start + length - 1) // es + 1)
-        async with eng.locked_range(start, start + length):
-            data = await trio.to_thread.run_sync(eng.image.pread, start, length)
-            entry = self._enqueue(_Entry(start, data, exts, [], nblocks=0))
-        self._window.append(entry)
-        self.catchup_bytes += length
         rate = int(self.image.get("sync_rate") or 0)
-        if rate:
-            await trio.sleep(length / rate)
-        return entry
+        end = start + length
+        while start < end:
+            n = min(COPY_CHUNK, end - start)
+            while len(self._window) >= COPY_WINDOW:
+                await self._window.pop(0).done.wait()
+            exts = range(start // es, (start + n - 1) // es + 1)
+            async with eng.locked_range(start, start + n):
+                data = await trio.to_thread.run_sync(eng.image.pread, start, n)
+                entry = self._enqueue(_Entry(start, data, exts, [], copy=True))
+                if advance:
+                    self.sync_cursor = start + n
+            self._window.append(entry)
+            self.catchup_bytes += n
+            start += n
+            if rate:
+                await trio.sleep(n / rate)
+
+    async def _resynced(self, covered: Iterable[int], stamp: int) -> None:
+        """A catch-up or full sync has put ``covered`` on the slave (flushed): forget them in
+        the fracture log and the missed set — except extents missed again meanwhile (the copy
+        may have read them before the write it missed), which the next round copies."""
+        again = self._missed_during or set()
+        self._missed_during = None
+        for e in list(self.missed):
+            if self.missed[e] <= stamp and e not in again:
+                del self.missed[e]
+        done = [e for e in covered if e not in again]
+        await trio.to_thread.run_sync(self.fracture.remove, done)
 
     async def _catch_up(self) -> None:
         """Copy the fracture log's and the missed extents (only those), then stream."""
         self.mode = "catchup"
         self._set_state("sync_start")
         es = self.engine.extent_size
-        stamp = self._stamp
-        todo = sorted(set(self.fracture.extents()) | set(self.missed))
-        log.info("slave %s: catching up %d extents", self.name, len(todo))
         t0 = time.monotonic()
-        last: _Entry | None = None
-        for e in self.engine.image.read_ahead(todo, es):
-            off = e * es
-            last = await self._copy(off, min(es, self.engine.size - off))
-        if not await self.flush():
-            raise LinkDown("catch-up flush failed")
-        await trio.to_thread.run_sync(self.fracture.remove, todo)
-        for e in todo:
-            if self.missed.get(e, stamp + 1) <= stamp:
-                del self.missed[e]
-        if self.missed or len(self.fracture):
-            return await self._catch_up()
+        rounds = total = 0
+        while True:
+            stamp = self._stamp
+            self._missed_during = set()
+            todo = sorted(set(self.fracture.extents()) | set(self.missed))
+            if not todo:
+                break
+            rounds += 1
+            total += len(todo)
+            log.info("slave %s: catching up %d extents", self.name, len(todo))
+            for e in self.engine.image.read_ahead(todo, es):
+                off = e * es
+                await self._copy(off, min(es, self.engine.size - off))
+            if not await self.flush():
+                raise LinkDown("catch-up flush failed")
+            await self._resynced(todo, stamp)
+        self._missed_during = None
         self.mode = "streaming"
-        self.sync_requested = False
+        if self.image.get("sync_progress") is None:   # else a full sync was asked meanwhile
+            self.sync_requested = False
         self._epoch_open = False
         self.image["unreachable_since_catchup"] = False
         self._set_state("sync_done")
-        log.info("slave %s: caught up %d extents in %.2fs", self.name, len(todo),
-                 time.monotonic() - t0)
+        log.info("slave %s: caught up %d extents in %.2fs%s", self.name, total,
+                 time.monotonic() - t0, f" ({rounds} rounds)" if rounds > 1 else "")
 
     async def _full_sync(self) -> None:
         """Block copy of the whole image behind a cursor (patent: sync), resumable."""
         eng = self.engine
         start = int(self.image.get("sync_progress") or 0)
+        stamp = self._stamp
+        self._missed_during = set()
         if start:
             # extents missed below the resume point while the link was down
             below = [e for e in set(self.fracture.extents()) | set(self.missed)
@@ -766,14 +834,10 @@ class SlaveLink:
             self.image["sync_progress"] = start
             eng.db_changed()
         log.info("slave %s: full sync from %d of %d bytes", self.name, start, eng.size)
-        chunk = max(eng.extent_size, 1 << 20)
         last_persist = time.monotonic()
-        stamp = self._stamp
         while self.sync_cursor < eng.size:
-            off = self.sync_cursor
-            n = min(chunk, eng.size - off)
-            await self._copy(off, n)
-            self.sync_cursor = off + n
+            await self._copy(self.sync_cursor, min(COPY_CHUNK, eng.size - self.sync_cursor),
+                             advance=True)
             if time.monotonic() - last_persist > 1.0 or self.sync_cursor >= eng.size:
                 mark = self.sync_cursor
                 if not await self.flush():
@@ -781,16 +845,20 @@ class SlaveLink:
                 self.image["sync_progress"] = mark
                 eng.db_changed()
                 last_persist = time.monotonic()
-        await trio.to_thread.run_sync(self.fracture.clear)
-        for e in list(self.missed):
-            if self.missed[e] <= stamp:
-                del self.missed[e]
+        # every extent is on the slave now but those missed during the copy (below the
+        # cursor: an overflow, a failed write): those are caught up before the sync is done
+        await self._resynced(list(self.fracture.extents()) + list(self.missed), stamp)
         self.image["sync_progress"] = None
+        self.sync_started = None
+        if self.missed or len(self.fracture):
+            log.info("slave %s: full sync copied; %d extents written meanwhile were missed",
+                     self.name, self.fracture_count())
+            eng.db_changed()
+            await self._catch_up()
         self.image["unreachable_since_catchup"] = False
         self.sync_requested = False
         self._epoch_open = False
         self.mode = "streaming"
-        self.sync_started = None
         self._set_state("sync_done")
         log.info("slave %s: full sync done", self.name)
 
@@ -805,6 +873,25 @@ class SlaveLink:
             await self.call(lambda s: P.Request(s, "db_commit", {"generation": gen}))
         except (LinkDown, OSError) as e:
             log.warning("slave %s: database update not taken: %s", self.name, e)
+
+    async def drain(self) -> None:
+        """Clean stop: let the slave take its backlog, for its timeout at most.
+
+        What it has not taken by then is dropped as missed, so the clean stop records it in
+        the fracture log (and the slave is caught up from there) instead of leaving the
+        extents logged and the next mount asking for fsck."""
+        if not self.accepting or not self.queued_bytes:
+            return
+        with trio.move_on_after(self.timeout):
+            await self.flush()
+            return
+        log.warning("slave %s: stopping with %d bytes of backlog not taken within %gs: they "
+                    "go to its fracture log", self.name, self.queued_bytes, self.timeout)
+        if self.chan is not None:
+            self.chan.fail(LinkDown("the mirror is stopping"))
+        dropped, self._queue = self._queue, collections.deque()
+        for entry in dropped:
+            self._finish(entry, False)
 
     def stop(self) -> None:
         self._stopping = True

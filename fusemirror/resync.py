@@ -16,7 +16,7 @@ import trio
 
 from . import faults, protocol as P
 from .image import Image
-from .link import Channel, LinkDown, _Waiter
+from .link import COPY_CHUNK, Channel, LinkDown, _Waiter
 from .mirrordb import MirrorDB
 
 WINDOW = 16   # writes in flight to one slave
@@ -52,23 +52,28 @@ async def copy_to_slave(image: Image, db: MirrorDB, slave: dict[str, Any], secre
                 for i, e in enumerate(order):
                     if i == len(todo) // 2:
                         faults.crash_point("fsck-mid")
-                    off = e * es
-                    length = min(es, size - off)
-                    data = await trio.to_thread.run_sync(image.pread, off, length)
-                    if checksum:
-                        ans = await chan.call(lambda s: P.ReadDigests(s, off, length, bs))
-                        if isinstance(ans, P.Digests) and \
-                                ans.digests == P.block_digests(data, bs):
-                            skipped += 1
-                            if progress:
-                                progress(i + 1, len(todo))
-                            continue
-                    window.append(await chan.submit(
-                        lambda s, o=off, d=data: P.Write(s, o, d, bs)))
-                    copied += 1
-                    nbytes += length
-                    while len(window) > WINDOW:
-                        await _settle(window.pop(0))
+                    start = e * es
+                    end = min(start + es, size)
+                    sent = False
+                    for off in range(start, end, COPY_CHUNK):   # frames stay small
+                        length = min(COPY_CHUNK, end - off)
+                        data = await trio.to_thread.run_sync(image.pread, off, length)
+                        if checksum:
+                            ans = await chan.call(
+                                lambda s, o=off, n=length: P.ReadDigests(s, o, n, bs))
+                            if isinstance(ans, P.Digests) and \
+                                    ans.digests == P.block_digests(data, bs):
+                                continue
+                        window.append(await chan.submit(
+                            lambda s, o=off, d=data: P.Write(s, o, d, bs)))
+                        sent = True
+                        nbytes += length
+                        while len(window) > WINDOW:
+                            await _settle(window.pop(0))
+                    if sent:
+                        copied += 1
+                    else:
+                        skipped += 1
                     if progress:
                         progress(i + 1, len(todo))
                 for w in window:

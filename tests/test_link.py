@@ -11,7 +11,7 @@ import trio
 
 from fusemirror import protocol as P, states
 from fusemirror.fracture import FractureLog
-from fusemirror.link import LinkDown, SlaveLink
+from fusemirror.link import LinkDown, SlaveLink, _Entry
 from fusemirror.mirrordb import MirrorDB
 from fusemirror.unit import create_unit
 
@@ -105,5 +105,41 @@ def test_a_request_dropped_unsent_raises_link_down(tmp_path: Path) -> None:
             while not link._queue:
                 await trio.sleep(0)
             link._finish(link._queue.popleft(), False)   # dropped, as _down drops the queue
+
+    trio.run(main)
+
+
+def test_overflow_during_a_sync_keeps_its_copies(tmp_path: Path) -> None:
+    """A full sync's copies queued when host writes overflow the backlog keep their place:
+    the sync saves its progress after the next flush, which must find them on the slave (a
+    dropped copy would be remembered in memory only, and lost with a crash)."""
+    link, eng = streaming_link(tmp_path, backlog_blocks=2)
+    link.mode = "sync"
+    link.sync_cursor = 8 * MiB
+    copy = link._enqueue(_Entry(4 * MiB, b"c" * MiB, range(4, 5), [], copy=True))
+    write = link.route(0, b"a" * (2 * BS), range(0, 1), [], bounded=True)
+    assert write is not None
+    assert link.route(MiB, b"b" * BS, range(1, 2), [], bounded=True) is None   # overflow
+    assert list(link._queue) == [copy] and not copy.done.is_set()
+    assert write.done.is_set() and not write.ok
+    assert set(link.missed) == {0, 1}
+    assert link.mode == "sync" and link.state == states.SYNCHRONIZING
+
+
+def test_extents_missed_during_a_resync_survive_its_end(tmp_path: Path) -> None:
+    """The end of a catch-up or full sync forgets what it copied, but not an extent missed
+    again while it ran (the copy may have read it before the write it missed)."""
+    link, eng = streaming_link(tmp_path, backlog_blocks=8)
+
+    async def main() -> None:
+        link.fracture.add([2, 3])
+        stamp = link._stamp
+        link._missed_during = set()
+        link._miss([3])                            # missed again during the copy ...
+        await link.secure([3])                     # ... and moved to the fracture log
+        assert 3 in link.fracture and 3 not in link.missed
+        await link._resynced([2, 3], stamp)
+        assert list(link.fracture.extents()) == [3]
+        assert link._missed_during is None
 
     trio.run(main)
