@@ -21,6 +21,7 @@ from .fracture import FractureLog
 from .image import Image
 from .link import Channel, LinkDown, SlaveLink, parse_address
 from .mirrordb import MirrorDB, atomic_write, new_id
+from .sizes import format_size
 from .unit import UnitPaths
 
 log = logging.getLogger("fusemirror.admin")
@@ -36,8 +37,12 @@ def store_secret(paths: UnitPaths, secret_file: str) -> bytes:
     from .agent import read_secret
 
     secret = read_secret(secret_file)
-    atomic_write(os.path.join(paths.dir, SECRET), secret)
+    write_secret(paths, secret)
     return secret
+
+
+def write_secret(paths: UnitPaths, secret: bytes) -> None:
+    atomic_write(os.path.join(paths.dir, SECRET), secret)
 
 
 def unit_secret(paths: UnitPaths, secret_file: str | None = None) -> bytes:
@@ -345,8 +350,12 @@ async def run_headless(paths: UnitPaths, fn: Callable[[Engine], Awaitable[T]]) -
 
 async def wait_synced(engine: Engine, name: str,
                       progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Wait until a slave's sync or catch-up is done (streaming, nothing to catch up)."""
+    """Wait until a slave's sync or catch-up is done (streaming, nothing to catch up).
+
+    Fails (instead of waiting for ever, holding the unit) once the slave has been unreachable
+    for its timeout; the saved progress lets the next `fusemirror sync` resume."""
     link = find_link(engine, name)
+    down_since: float | None = None
     while True:
         st = link.status()
         if progress:
@@ -354,7 +363,23 @@ async def wait_synced(engine: Engine, name: str,
         if link.mode == "streaming" and not link.fracture_count() and \
                 link.image.get("sync_progress") is None and not link.sync_requested:
             return st
+        now = trio.current_time()
+        if link.reachable:
+            down_since = None
+        elif down_since is None:
+            down_since = now
+        elif now - down_since > link.timeout + link.heartbeat:
+            raise unreachable_error(st, "run `fusemirror sync` again when it is back")
         await trio.sleep(0.2)
+
+
+def unreachable_error(st: dict[str, Any], then: str) -> FusemirrorError:
+    """A sync or catch-up that cannot go on: the slave is unreachable (status ``st``)."""
+    where = ""
+    if st.get("sync_progress"):
+        where = f"; the sync resumes at {format_size(int(st['sync_progress']))}"
+    return FusemirrorError(f"slave {st['name']} is unreachable "
+                           f"({st.get('last_error') or 'no answer'}){where}: {then}")
 
 
 __all__ = ["add_slave", "remove_slave", "start_sync", "fracture", "restore", "verify",

@@ -18,13 +18,14 @@ import logging
 import os
 import signal
 import socket
+import time
 from typing import Any
 
 import trio
 import xxhash
 
 from . import protocol as P, states
-from .errors import CorruptError, FusemirrorError, UsageError
+from .errors import CorruptError, FusemirrorError, UsageError, errno_for
 from .image import Image, WriteBehind
 from .mirrordb import MirrorDB, atomic_write
 from .unit import UnitLock, UnitPaths, create_slave_unit, is_unit
@@ -81,6 +82,7 @@ class Agent:
         self.write_behind = write_behind
         self.units: dict[str, OpenUnit] = {}
         self.connections = 0
+        self.stale_logged: dict[str, float] = {}   # unit -> when a stale master was logged
 
     def unit_dir(self, name: str) -> str:
         if not P.valid_unit_name(name):
@@ -110,7 +112,10 @@ class Agent:
             await self.release(str(req["unit"]))
             return {"released": req["unit"]}
         if req["cmd"] == "status":
-            return {"root": self.root, "units": sorted(self.units),
+            now = time.monotonic()
+            sessions = {n: {"peer": u.session.peer, "idle": round(now - u.session.last_rx, 3)}
+                        for n, u in sorted(self.units.items()) if u.session is not None}
+            return {"root": self.root, "units": sorted(self.units), "sessions": sessions,
                     "connections": self.connections, "write_behind": self.write_behind,
                     "writebacks": {n: u.stats["writebacks"] for n, u in sorted(self.units.items())}}
         raise UsageError(f"unknown agent command {req['cmd']!r}")
@@ -220,6 +225,7 @@ class Session:
         self.done = trio.Event()
         self.fenced = False
         self._nursery: trio.Nursery | None = None
+        self.last_rx = time.monotonic()   # the master's last frame (a live master pings)
 
     async def run(self) -> None:
         """Read requests in one task, apply them in order in another; the first failure of
@@ -255,6 +261,7 @@ class Session:
         with send:
             while True:
                 ev = await _next(self.conn, self.stream)
+                self.last_rx = time.monotonic()
                 await send.send(ev)
 
     async def _apply_all(self, recv: trio.MemoryReceiveChannel[P.Event]) -> None:
@@ -356,7 +363,7 @@ class Session:
         except PromotedError as e:
             return P.Error(ev.seq, errno.ESTALE, e.msg)
         except FusemirrorError as e:
-            return P.Error(ev.seq, errno.EINVAL, e.msg)
+            return P.Error(ev.seq, errno_for(e), e.msg)
         except OSError as e:
             return P.Error(ev.seq, e.errno or errno.EIO, f"{ev.op}: {e.strerror or e}")
         except (KeyError, ValueError, TypeError, AttributeError, IndexError) as e:
@@ -411,23 +418,15 @@ class Session:
         if existing is None:
             db = MirrorDB.load(self.path)
             if db.self_image["role"] == "master":
-                g = db.data["generation"]
-                log.error("unit %s refused to a master: it was promoted (generation %d:%s); "
-                          "the master connecting is stale or split from it", self.name,
-                          g["counter"], g["id"])
-                raise PromotedError(g)
+                self._refuse_stale(db)
             existing = OpenUnit(UnitPaths(self.path), db, self.agent.write_behind)
             self.agent.units[self.name] = existing
         db = existing.db = MirrorDB.load(self.path)
         if args.get("mirror_id") != db.mirror["id"]:
             raise FusemirrorError(f"unit {self.name} belongs to another mirror ({db.name!r})")
         if db.self_image["role"] == "master":
-            g = db.data["generation"]
-            log.error("unit %s refused to a master: it was promoted (generation %d:%s); the "
-                      "master connecting is stale or split from it", self.name, g["counter"],
-                      g["id"])
             self._release_unit(existing)
-            raise PromotedError(db.data["generation"])
+            self._refuse_stale(db)
         if int(args.get("size", -1)) != existing.image.size:
             raise FusemirrorError(f"unit {self.name} has {existing.image.size} bytes, the "
                                   f"master {args.get('size')}")
@@ -510,16 +509,32 @@ class Session:
         from . import lifecycle
         from .unit import UnitLock
 
-        await self.agent.release(self.name, by=self.peer)
         paths = UnitPaths(self.path)
+        force = bool(args.get("force"))
+        lifecycle.check_promote(MirrorDB.load(paths.dir), paths, force=force)  # before letting go
+        await self.agent.release(self.name, by=self.peer)
         with UnitLock(paths, "promote"):
-            db = lifecycle.promote(paths, force=bool(args.get("force")))
+            db = lifecycle.promote(paths, force=force)
         res = await lifecycle.push_db(db, self.agent.secret)
         with UnitLock(paths, "promote"):
             db.save(paths.dir)
         log.info("unit %s promoted to master of %s; the agent no longer serves it", self.name,
                  db.name)
         return {"generation": list(db.generation), "members": res}
+
+    def _refuse_stale(self, db: MirrorDB) -> None:
+        """A master asks for a unit that was promoted: refuse. Logged as an error once a
+        minute per unit (the stale master retries every heartbeat), at debug level between."""
+        g = db.data["generation"]
+        now = time.monotonic()
+        last = self.agent.stale_logged.get(self.name)
+        level = logging.ERROR if last is None or now - last >= 60 else logging.DEBUG
+        if level == logging.ERROR:
+            self.agent.stale_logged[self.name] = now
+        log.log(level, "unit %s refused to a master (%s): it was promoted (generation %d:%s); "
+                "the master connecting is stale or split from it", self.name, self.peer,
+                g["counter"], g["id"])
+        raise PromotedError(g)
 
     def _info(self) -> dict[str, Any]:
         u = self.unit

@@ -16,7 +16,8 @@ from typing import Any, Callable, TypeVar
 import click
 
 from . import __version__, control, mountutil, states
-from .errors import (BusyError, EXIT_FAILURE, FusemirrorError, StateError, UsageError)
+from .errors import (BusyError, EXIT_FAILURE, FusemirrorError, StateError, UsageError,
+                     exit_for_errno)
 from .mirrordb import MirrorDB
 from .sizes import format_size, parse_size
 from .status import format_text, offline_status
@@ -120,14 +121,16 @@ def create(dir: str, size: str, name: str | None, block_size: str, extent_size: 
     space until written); the journal is preallocated. The mirror starts INACTIVE: run
     `fusemirror activate DIR` before host I/O. On any error nothing is left behind.
     """
+    from .admin import write_secret
+    from .agent import read_secret
+
+    secret = read_secret(secret_file) if secret_file else None   # before anything is created
     db = create_unit(dir, size=parse_size(size), block_size=parse_size(block_size, "block size"),
                      extent_size=parse_size(extent_size, "extent size"),
                      write_policy=write_policy, name=name,
                      activity_log_extents=activity_log_extents)
-    if secret_file:
-        from .admin import store_secret
-
-        store_secret(UnitPaths(os.path.abspath(dir)), secret_file)
+    if secret is not None:
+        write_secret(UnitPaths(os.path.abspath(dir)), secret)
     info = {"name": db.name, "unit": os.path.abspath(dir), "size": db.size,
             "block_size": db.block_size, "extent_size": db.extent_size,
             "write_policy": db.mirror["write_policy"], "state": db.state}
@@ -531,6 +534,7 @@ def sync(dir: str, slave: str, no_wait: bool) -> None:
     if no_wait:
         click.echo(f"slave {slave}: sync started")
         return
+    down_since: float | None = None
     while True:
         st = control.request(paths.control, "status")
         img = next((i for i in st["images"] if slave in (i["name"], i.get("address"))
@@ -541,6 +545,14 @@ def sync(dir: str, slave: str, no_wait: bool) -> None:
         if img.get("mode") == "streaming" and img.get("sync_progress") is None \
                 and not img.get("fracture_extents"):
             break
+        now = time.monotonic()
+        if img.get("reachable"):
+            down_since = None
+        elif down_since is None:
+            down_since = now
+        elif now - down_since > float(img.get("timeout") or 5.0) + 1.0:
+            raise admin.unreachable_error(img, "the mounted mirror goes on by itself when it "
+                                          "is back (`fusemirror status` shows it)")
         time.sleep(0.5)
     click.echo(f"slave {slave}: synchronized")
 
@@ -605,6 +617,30 @@ def _is_address(text: str) -> bool:
     return ":" in text and "/" in text and not os.path.isdir(text)
 
 
+def _refuse_if_master_alive(paths: UnitPaths) -> None:
+    """Demoting the master from a slave's unit is for a master that is lost: refuse while it
+    is still talking to this slave (its agent saw a frame within the slave's timeout)."""
+    from .agent import AGENT_CONTROL
+
+    db = MirrorDB.load(paths.dir)
+    master = db.master
+    if db.self_image["role"] != "slave" or master is None:
+        return
+    sock = os.path.join(os.path.dirname(paths.dir), AGENT_CONTROL)
+    try:
+        st = control.request(sock, "status", timeout=10) if os.path.exists(sock) else {}
+    except control.NotRunning:
+        return
+    sess = (st.get("sessions") or {}).get(os.path.basename(paths.dir))
+    limit = float(db.self_image.get("timeout", 5.0))
+    if sess is not None and sess["idle"] <= limit:
+        raise StateError(
+            f"the master {master['name']} is alive: it talked to this slave {sess['idle']:.1f}s "
+            f"ago (from {sess['peer']}); demote it on its host (`fusemirror umount`, "
+            "`fusemirror deactivate DIR`, `fusemirror demote DIR`), or pass --force to "
+            "demote it from here anyway (its host I/O then fails)")
+
+
 def _release_from_agent(paths: UnitPaths) -> None:
     """If an agent serves this unit (ROOT/NAME), ask it to let go of the unit's lock."""
     from .agent import AGENT_CONTROL
@@ -657,7 +693,9 @@ def _remote(address: str, secret_file: str | None, op: str, **args: Any) -> Any:
                 try:
                     out["r"] = await chan.request(op, **args)
                 except (OSError, LinkDown) as e:
-                    out["e"] = FusemirrorError(f"{address}: {getattr(e, 'strerror', None) or e}")
+                    code = exit_for_errno(e.errno) if isinstance(e, OSError) else EXIT_FAILURE
+                    out["e"] = FusemirrorError(
+                        f"{address}: {getattr(e, 'strerror', None) or e}", code)
                 n.cancel_scope.cancel()
         finally:
             await chan.aclose()
@@ -692,6 +730,8 @@ def promote(target: str, force: bool, secret_file: str | None, mirror: str | Non
         click.echo(f"{target} promoted to master (generation {res['generation'][0]})")
         return
     paths = require_unit(target)
+    # refused before the agent lets go of the unit: a refusal leaves replication running
+    lifecycle.check_promote(MirrorDB.load(paths.dir), paths, force=force)
     _release_from_agent(paths)
     with UnitLock(paths, "promote"):
         db = lifecycle.promote(paths, force=force)
@@ -704,7 +744,8 @@ def promote(target: str, force: bool, secret_file: str | None, mirror: str | Non
 @cli.command()
 @click.argument("dir", type=click.Path())
 @click.option("--force", is_flag=True, help="Demote a master whose mirror is not INACTIVE "
-              "(a master that crashed).")
+              "(a master that crashed); given a slave's unit, demote its master even though it "
+              "is still connected to this slave.")
 @click.option("--discard", is_flag=True, help="Throw this unit's data away: it rejoins with a "
               "full sync (the way out of a split brain).")
 def demote(dir: str, force: bool, discard: bool) -> None:
@@ -719,6 +760,8 @@ def demote(dir: str, force: bool, discard: bool) -> None:
     from . import lifecycle
 
     paths = require_unit(dir)
+    if not force:
+        _refuse_if_master_alive(paths)
     _release_from_agent(paths)
     with UnitLock(paths, "demote"):
         db = lifecycle.demote(paths, force=force, discard=discard)
@@ -783,6 +826,9 @@ def main(argv: list[str] | None = None) -> None:
         if len(leaves) == 1 and isinstance(leaves[0], OSError):
             click.echo(f"fusemirror: {leaves[0]}", err=True)
             sys.exit(EXIT_FAILURE)
+        if any(isinstance(e, KeyboardInterrupt) for e in leaves):
+            click.echo("interrupted", err=True)      # Ctrl-C inside trio.run
+            sys.exit(130)
         raise
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

@@ -17,6 +17,8 @@ without a traceback and exits with its code. Exit codes (documented in ``fusemir
 
 from __future__ import annotations
 
+import errno
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -67,6 +69,23 @@ class NeedsRecoveryError(FusemirrorError):
 
 class CorruptError(FusemirrorError):
     """On-disk metadata (journal, mirror database) failed validation."""
+
+
+# A refusal answered over the protocol carries its exit code as an errno, so that
+# `fusemirror promote HOST:PORT/NAME` exits as the same refusal on the local unit would.
+_ERRNO_OF_EXIT = {EXIT_FAILURE: errno.EIO, EXIT_USAGE: errno.EINVAL, EXIT_STATE: errno.EPERM,
+                  EXIT_BUSY: errno.EBUSY, EXIT_RECOVERY: errno.EUCLEAN}
+_EXIT_OF_ERRNO = {v: k for k, v in _ERRNO_OF_EXIT.items()}
+
+
+def errno_for(e: FusemirrorError) -> int:
+    """The errno an agent answers a refusal with (see exit_for_errno)."""
+    return _ERRNO_OF_EXIT.get(e.exitcode, errno.EIO)
+
+
+def exit_for_errno(n: int | None) -> int:
+    """The exit code of a refusal a peer answered with errno ``n``."""
+    return _EXIT_OF_ERRNO.get(n or errno.EIO, EXIT_FAILURE)
 
 
 def unwrap(exc: BaseException) -> BaseException:

@@ -109,9 +109,9 @@ def _demote_record(img: dict[str, Any]) -> None:
     img["recovery_policy"] = "auto"
 
 
-def promote(paths: UnitPaths, *, force: bool) -> MirrorDB:
-    """Make this slave unit the master (preconditions of the patent; --force overrides)."""
-    db = MirrorDB.load(paths.dir)
+def check_promote(db: MirrorDB, paths: UnitPaths, *, force: bool) -> None:
+    """Raise StateError if this unit may not be promoted (see :func:`promote`). Asked before
+    the agent lets go of the unit too, so a refused promote leaves replication running."""
     me = db.self_image
     if me["role"] == "master":
         raise StateError(f"{paths.dir} is already the master of mirror {db.name!r}")
@@ -127,6 +127,14 @@ def promote(paths: UnitPaths, *, force: bool) -> MirrorDB:
     if me.get("unreachable_since_catchup") and not force:
         raise StateError(f"image {me['name']} was UNREACHABLE since its last catch-up and may "
                          "lack writes; promote with --force to accept that")
+
+
+def promote(paths: UnitPaths, *, force: bool) -> MirrorDB:
+    """Make this slave unit the master (preconditions of the patent; --force overrides)."""
+    db = MirrorDB.load(paths.dir)
+    check_promote(db, paths, force=force)
+    me = db.self_image
+    master = db.master
     if master is not None:
         log.warning("promote --force: demoting master %s, which cannot be asked", master["name"])
         _demote_record(master)

@@ -327,8 +327,10 @@ class SlaveLink:
             else round(now - self.last_heartbeat, 2),
             "sync_progress": self.image.get("sync_progress"),
             "last_error": self.last_error,
+            "timeout": self.timeout,
             "catchup_bytes": self.catchup_bytes,
             "recovery_policy": self.image.get("recovery_policy", "auto"),
+            "unreachable_since_catchup": bool(self.image.get("unreachable_since_catchup")),
             "conflict": self.conflict,
         }
         if self.mode == "sync" and self.sync_started is not None:
@@ -585,8 +587,8 @@ class SlaveLink:
                     self._check_generation(info["db"])
                     await chan.request("db_write", db=self.engine.db.data)
             except (trio.TooSlowError, LinkDown, OSError) as e:
-                failure = LinkDown(f"the agent refused the unit: {e}" if isinstance(e, OSError)
-                                   else f"opening the unit failed: {e}")
+                failure = LinkDown(f"the agent refused the unit: {e.strerror or e}"
+                                   if isinstance(e, OSError) else f"opening the unit failed: {e}")
                 n.cancel_scope.cancel()
                 if isinstance(e, OSError):
                     if e.errno == errno.ESTALE and str(e.strerror).startswith("promoted:"):
@@ -685,6 +687,8 @@ class SlaveLink:
         while True:
             await trio.sleep(min(self.heartbeat, self.timeout / 4))
             now = trio.current_time()
+            # the wall-clock time of the last answer (status: "heartbeat N s ago")
+            self.last_heartbeat = time.time() - (now - chan.last_rx)
             if chan.outstanding == 0:
                 chan.last_rx = now
                 try:
@@ -694,8 +698,6 @@ class SlaveLink:
             elif now - chan.last_rx > self.timeout:
                 chan.fail(LinkDown(f"no answer within {self.timeout:g}s"))
                 return
-            else:
-                self.last_heartbeat = time.time() - (now - chan.last_rx)
 
     async def _resync_loop(self) -> None:
         """While connected: decide between idle, catch-up, full sync and streaming."""
@@ -736,6 +738,12 @@ class SlaveLink:
                 log.info("slave %s: %d extents to catch up; recovery_policy is manual: run "
                          "`fusemirror restore`", self.name, self.fracture_count())
             return
+        if self.image.get("unreachable_since_catchup") and not self.fracture_count():
+            # connected again and nothing was missed meanwhile: no catch-up is needed, and
+            # the slave lacks nothing (the flag would otherwise block a promote for good)
+            self.image["unreachable_since_catchup"] = False
+            self.engine.db_changed()
+            log.info("slave %s: reachable again; it missed no write", self.name)
         self.mode = "streaming"
 
     async def _copy(self, start: int, length: int, *, advance: bool = False) -> None:

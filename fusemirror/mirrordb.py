@@ -80,6 +80,13 @@ def _rate(v: str | int) -> int:
     return n
 
 
+def max_activity_log(size: int, extent_size: int) -> int:
+    """The most activity_log_extents may be: the image's extents (more could never be logged
+    at once), or the default where that is more. Bounds the journal a unit preallocates —
+    also a slave's, built from the copy of the database a master sends."""
+    return max(DEFAULTS["activity_log_extents"], -(-size // extent_size))
+
+
 @dataclass(frozen=True)
 class Attr:
     """One settable attribute: its converter/validator, default, and what it means."""
@@ -231,6 +238,9 @@ class MirrorDB:
         need(integer(es) and es >= bs and es % bs == 0, f"extent_size {es!r}")
         need(integer(size) and size > 0, f"size {size!r}")
         attrs(m, MIRROR_ATTRS, "")
+        al = m.get("activity_log_extents")
+        need(al is None or al <= max_activity_log(size, es),
+             f"activity_log_extents {al!r} (more than the image's extents)")
         g = d.get("generation")
         need(isinstance(g, dict) and integer(g.get("counter")) and g["counter"] >= 1
              and text(g.get("id")), "generation")
@@ -362,6 +372,9 @@ class MirrorDB:
             v = MIRROR_ATTRS[key].conv(value)
         except ValueError as e:
             raise UsageError(f"bad value {value!r} for {key}: expected {e}") from None
+        if key == "activity_log_extents" and v > max_activity_log(self.size, self.extent_size):
+            raise UsageError(f"activity_log_extents={v} is more than the image has extents: at "
+                             f"most {max_activity_log(self.size, self.extent_size)}")
         self.mirror[key] = v
         return v
 

@@ -36,6 +36,7 @@ def base_status(paths: UnitPaths | None, db: MirrorDB, unit: str | None = None
                 os.path.join(paths.fracture, img["id"])),
             "lag_bytes": 0,
             "sync_progress": img.get("sync_progress"),
+            "unreachable_since_catchup": bool(img.get("unreachable_since_catchup")),
         })
     counter, gid = db.generation
     return {
@@ -70,7 +71,9 @@ def offline_status(paths: UnitPaths, db: MirrorDB) -> dict[str, Any]:
 def format_text(st: dict[str, Any]) -> str:
     """The human form of a status dict."""
     where = ""
-    if st.get("running"):
+    if st.get("answered_by"):
+        where = f" answered-by:{st['answered_by']}" + (" (served)" if st.get("running") else "")
+    elif st.get("running"):
         where = f" mounted:{st.get('mountpoint')} pid:{st.get('pid')}"
     elif st.get("holder"):
         where = f" in-use-by:{st['holder']}"
@@ -94,12 +97,16 @@ def format_text(st: dict[str, Any]) -> str:
                 extra += f" sync:{sy['percent']:.1f}%" + (f" eta:{eta:.0f}s" if eta else "")
             elif img.get("sync_progress") is not None:
                 extra += f" sync-resumes-at:{format_size(img['sync_progress'])}"
+            if img.get("unreachable_since_catchup"):
+                extra += " unreachable-since-catch-up"   # promote needs --force
             if img.get("conflict"):
                 extra += " CONFLICT"
         lines.append(f"  {img['name']} role:{img['role']} state:{img['state']} {reach}{extra}")
     j = st.get("journal", {})
     if j.get("error"):
         lines.append(f"  journal: DAMAGED: {j['error']}")
+    elif j.get("active_extents") is None or st.get("answered_by"):
+        lines.append("  journal: the master's (ask it: `fusemirror status DIR` on its host)")
     else:
         lines.append(f"  journal: {j.get('active_extents')} active extents "
                      f"(bound {j.get('activity_log_extents')}), seq {j.get('seq')}, "
@@ -116,6 +123,10 @@ def format_text(st: dict[str, Any]) -> str:
 def remote_status(address: str, reply: dict[str, Any]) -> dict[str, Any]:
     """Status as one member (reached through its agent) sees the whole mirror."""
     st = base_status(None, MirrorDB(reply["db"]), unit=address)
+    # a slave unit has no journal of its own to recover (the master's journal is the
+    # mirror's); a master unit reached this way is not served, and its journal not read
+    slave = st["role"] == "slave"
     st.update(running=bool(reply.get("served")), answered_by=address,
-              journal={"active_extents": None, "extents": []}, needs_recovery=None)
+              journal={"active_extents": 0 if slave else None, "extents": []},
+              needs_recovery=False if slave else None)
     return st

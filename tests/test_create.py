@@ -59,6 +59,10 @@ def test_create_into_empty_directory(tmp_path: Path) -> None:
     (["--size", "64M", "--extent-size", "2K"], "power-of-two multiple"),
     (["--size", "64M", "--block-size", "3000"], "power of two"),
     (["--size", "64M", "--write-policy", "maybe"], "maybe"),
+    # more than the image's extents (and the default): a huge preallocated journal
+    (["--size", "64M", "--activity-log-extents", "100000000"], "at most 1024"),
+    # the secret is read before anything is created
+    (["--size", "64M", "--secret-file", "/nonexistent/secret"], "cannot read secret file"),
 ])
 def test_bad_input_is_one_line_and_leaves_nothing(tmp_path: Path, args: list[str],
                                                   needle: str) -> None:
@@ -127,3 +131,14 @@ def test_a_damaged_database_is_named_not_a_traceback(tmp_path: Path) -> None:
         assert "mirror.json" in r.stderr and "state 'HAPPY'" in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
     assert (u / "mirror.json").read_bytes() == before
+
+
+def test_set_refuses_an_activity_log_larger_than_the_image(tmp_path: Path) -> None:
+    """The database would fail validation on the next load (and a slave's journal is sized
+    from it): `set` refuses, and the unit stays usable."""
+    u = tmp_path / "m"
+    run_fm("create", str(u), "--size", "2G")
+    r = run_fm("set", str(u), "activity_log_extents=4096", check=False)
+    assert r.returncode == 2 and "at most 2048" in r.stderr
+    run_fm("set", str(u), "activity_log_extents=2048")
+    assert status(u)["journal"]["activity_log_extents"] == 2048

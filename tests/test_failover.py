@@ -184,6 +184,10 @@ def test_failover_and_back(tmp_path, agent_factory, secret_file, mounter) -> Non
                            "--json").stdout)
     roles = sorted((i["role"], i["state"]) for i in st["images"])
     assert st["name"] == "db" and [r[0] for r in roles] == ["master", "slave"]
+    # a slave unit has nothing to recover itself; the text says who answered, no "None"
+    assert st["needs_recovery"] is False and st["journal"]["active_extents"] == 0
+    text = run_fm("status", host_b.address("s1"), "--secret-file", str(secret_file)).stdout
+    assert "answered-by:" in text and "None" not in text, text
 
 
 def test_split_brain_is_detected_every_time(tmp_path, agent_factory, secret_file, mounter,
