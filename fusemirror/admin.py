@@ -206,7 +206,7 @@ async def remove_slave(engine: Engine, paths: UnitPaths, name: str, *,
         pass
     db.data["images"] = [img for img in db.images if img["id"] != link.id]
     db.bump_generation()
-    await trio.to_thread.run_sync(db.save, paths.dir)
+    await engine.save_db()      # under the save lock: no older concurrent save lands after it
     log.info("slave %s removed from mirror %s (%s); its data stays", link.name, db.name,
              "forced" if force else "graceful")
     return {"name": link.name, "removed": True}

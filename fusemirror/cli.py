@@ -150,6 +150,8 @@ def activate(dir: str, as_json: bool) -> None:
     master flush) the mirror goes to ATTENTION instead and host I/O stays denied.
     """
     paths = require_unit(dir)
+    # a slave's unit is refused as such, even while its agent holds it (not "in use")
+    _require_master(MirrorDB.load(paths.dir), paths, "activate")
 
     def offline() -> dict[str, str]:
         db = MirrorDB.load(paths.dir)

@@ -75,12 +75,12 @@ def precheck(paths: UnitPaths, mountpoint: str) -> MirrorDB:
         raise UsageError(f"{mountpoint}: mount point is not a directory")
     if os.path.ismount(mountpoint) or mountutil.find_mount(mountpoint) is not None:
         raise StateError(f"{mountpoint} is already a mount point")
+    db = MirrorDB.load(paths.dir)
+    _require_master_role(paths, db, "mounted")   # a slave's unit, even while its agent holds it
     holder = lock_holder(paths)
     if holder is not None:
         raise BusyError(f"{paths.dir} is in use by pid {holder}")
-    db = MirrorDB.load(paths.dir)
-    if db.self_image["role"] == "master":
-        lifecycle.check_members(paths, db)  # told it is stale before being told to run fsck
+    lifecycle.check_members(paths, db)  # told it is stale before being told to run fsck
     db, _ = open_master(paths, for_what="mounted")
     return db
 
@@ -194,13 +194,17 @@ def set_io_flusher() -> None:
         log.info("PR_SET_IO_FLUSHER unavailable: %s", e)
 
 
-def open_master(paths: UnitPaths, *, for_what: str) -> tuple[MirrorDB, journal_mod.ScanResult]:
-    """Load the database and scan the journal, refusing a unit that needs recovery."""
-    db = MirrorDB.load(paths.dir)
+def _require_master_role(paths: UnitPaths, db: MirrorDB, for_what: str) -> None:
     if db.self_image["role"] != "master":
         raise StateError(f"{paths.dir} holds a slave image of mirror {db.name!r}; only the "
                          f"master can be {for_what} (promote it first: `fusemirror promote "
                          f"{paths.dir}`)")
+
+
+def open_master(paths: UnitPaths, *, for_what: str) -> tuple[MirrorDB, journal_mod.ScanResult]:
+    """Load the database and scan the journal, refusing a unit that needs recovery."""
+    db = MirrorDB.load(paths.dir)
+    _require_master_role(paths, db, for_what)
     try:
         scan = journal_mod.scan(paths.journal, mirror_id=bytes.fromhex(db.mirror["id"]))
     except CorruptError as e:

@@ -622,18 +622,26 @@ class Engine:
             await self.save_db()
             await trio.sleep(0.05)
 
-    async def save_db(self) -> None:
-        """Save the mirror database (crash-atomically), one save at a time, and send the new
-        copy to every connected slave."""
+    async def save_db(self, *, push: bool = True) -> dict[str, Any] | None:
+        """Save the mirror database (crash-atomically), one save at a time, and send the
+        saved copy to every connected slave; return that copy (None if the save failed).
+
+        Only a copy already in our own file leaves this master: the in-memory database may
+        change (a new generation) while the save runs, and a member holding a generation the
+        master's file lacks makes the next mount refuse this master as stale."""
         async with self._db_lock:
+            saved = self.db.copy()          # taken in the event loop: never a torn copy
+            snapshot = saved.data
             try:
-                await trio.to_thread.run_sync(self.db.save, self.unit_dir)
+                await trio.to_thread.run_sync(saved.save, self.unit_dir)
             except OSError as e:
                 log.error("saving the mirror database failed: %s", e)
-        if self._nursery is not None:
+                return None
+        if push and self._nursery is not None:
             for link in self.links:
                 if link.chan is not None and link.chan.dead is None:
-                    self._nursery.start_soon(link.push_db)
+                    self._nursery.start_soon(link.push_db, snapshot)
+        return snapshot
 
     def new_epoch(self, why: str) -> None:
         """Start a new generation: this master now holds data some member lacks."""

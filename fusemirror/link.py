@@ -585,7 +585,11 @@ class SlaveLink:
                     info = await chan.request("open", mirror_id=self.engine.db.mirror["id"],
                                               size=self.engine.size)
                     self._check_generation(info["db"])
-                    await chan.request("db_write", db=self.engine.db.data)
+                    # only a copy already in the master's own file (see Engine.save_db)
+                    saved = await self.engine.save_db(push=False)
+                    if saved is None:
+                        raise LinkDown("the master could not save its database")
+                    await chan.request("db_write", db=saved)
             except (trio.TooSlowError, LinkDown, OSError) as e:
                 failure = LinkDown(f"the agent refused the unit: {e.strerror or e}"
                                    if isinstance(e, OSError) else f"opening the unit failed: {e}")
@@ -870,12 +874,11 @@ class SlaveLink:
         self._set_state("sync_done")
         log.info("slave %s: full sync done", self.name)
 
-    async def push_db(self) -> None:
-        """Send the master's current database copy to the slave (ordered with the stream)."""
+    async def push_db(self, data: dict[str, Any]) -> None:
+        """Send a saved copy of the master's database to the slave (ordered with the stream)."""
         if self.chan is None:
             return
-        data = self.engine.db.data
-        gen = list(self.engine.db.generation)
+        gen = [data["generation"]["counter"], data["generation"]["id"]]
         try:
             await self.call(lambda s: P.Request(s, "db_prepare", {"db": data}))
             await self.call(lambda s: P.Request(s, "db_commit", {"generation": gen}))

@@ -200,7 +200,9 @@ def test_clean_umount_with_an_async_backlog_needs_no_fsck(
         agent.proc.send_signal(signal.SIGCONT)
     st = json.loads(run_fm("status", str(unit), "--json").stdout)
     assert st["needs_recovery"] is False and st["journal"]["active_extents"] == 0
-    assert "go to its fracture log" in (unit / "daemon.log").read_text()
+    # what the slave did not take is in its fracture log (the drain gave up, or the
+    # watchdog declared the stopped agent UNREACHABLE first: either way, not the journal)
+    assert next(i for i in st["images"] if i["role"] == "slave")["fracture_extents"] > 0
     m2 = mounter(unit, mnt=m.mnt)
     wait_for(lambda: streaming(m2), what="the catch-up after the remount")
     run_fm("umount", str(m2.mnt))
