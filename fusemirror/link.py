@@ -418,6 +418,18 @@ class SlaveLink:
                     "fracture log", self.name, self.engine.db.mirror["write_backlog_size"])
         self._lost_updates()
 
+    def drop_queued(self, e: int) -> None:
+        """Drop the host writes to extent ``e`` still waiting in the backlog (not sent): they
+        become missed, so ``e`` can retire through the fracture log (see Engine._make_room)."""
+        mine = [x for x in self._queue if not (x.flush or x.copy or x.make is not None)
+                and e in x.exts]
+        if not mine:
+            return
+        self._queue = collections.deque(x for x in self._queue if x not in mine)
+        for entry in mine:
+            self._finish(entry, False)
+        self._lost_updates()
+
     def _lost_updates(self) -> None:
         """Connected, but the slave lacks updates it was sent or should have been (overflow, a
         failed write or flush): no longer SYNCHRONIZED/CONSISTENT, and the resync loop is
@@ -512,11 +524,20 @@ class SlaveLink:
         g = st.slave_last.get(self.id)
         return g is not None and g > self.flushed_gseq
 
-    async def secure(self, batch: list[int]) -> None:
-        """Before ``batch`` retires: each extent is flushed on the slave or in its fracture log."""
+    async def secure(self, batch: list[int], *, urgent: bool = False) -> None:
+        """Before ``batch`` retires: each extent is flushed on the slave or in its fracture log.
+
+        ``urgent`` (a host write waits for the room) with an async backlog ahead: a flush would
+        wait behind all of it, so what the slave has not acknowledged durable goes to its
+        fracture log instead (caught up later) — a slow async slave never stalls the host.
+        """
         need = [e for e in batch if e not in self.missed
                 and self.unflushed(e, self.engine.extents[e])]
-        if need and not await self.flush():
+        if need and urgent and self.queued_bytes and \
+                self.engine.db.mirror["write_policy"] == "async":
+            self._miss(need)
+            self._lost_updates()
+        elif need and not await self.flush():
             self._miss(need)
         lost = [e for e in batch if e in self.missed]
         if lost:
