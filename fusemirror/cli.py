@@ -67,6 +67,10 @@ def cli() -> None:
     """
 
 
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Print the result as one JSON object (for scripts).")
+
+
 def _out(data: Any, as_json: bool, text: str | Callable[[], str]) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2, sort_keys=True))
@@ -347,7 +351,8 @@ def get(dir: str, key: str | None, image: str | None, as_json: bool) -> None:
 @click.argument("dir", type=click.Path())
 @click.argument("settings", nargs=-1, required=True, metavar="KEY=VALUE...")
 @click.option("--image", metavar="NAME", help="Set attributes of one image (a slave's name).")
-def set_cmd(dir: str, settings: tuple[str, ...], image: str | None) -> None:
+@json_option
+def set_cmd(dir: str, settings: tuple[str, ...], image: str | None, as_json: bool) -> None:
     """Change attributes: all KEY=VALUE pairs are validated before any is applied."""
     paths = require_unit(dir)
     pairs = []
@@ -368,8 +373,7 @@ def set_cmd(dir: str, settings: tuple[str, ...], image: str | None) -> None:
         return res
 
     res = _daemon_or_offline(paths, "set", offline, pairs=pairs, image=image)
-    for k, v in res.items():
-        click.echo(f"{k} = {v}")
+    _out(res, as_json, lambda: "".join(f"{k} = {v}\n" for k, v in res.items()))
 
 
 # ---- slaves ---------------------------------------------------------------------------------
@@ -480,7 +484,8 @@ def add_slave(dir: str, address: str, synchronized: bool, secret_file: str | Non
 @click.argument("dir", type=click.Path())
 @click.argument("slave")
 @click.option("--force", is_flag=True, help="Do not complete outstanding requests first.")
-def remove_slave(dir: str, slave: str, force: bool) -> None:
+@json_option
+def remove_slave(dir: str, slave: str, force: bool, as_json: bool) -> None:
     """Remove a slave from the mirror (the mirror must be INACTIVE). Its data stays."""
     from . import admin
 
@@ -488,14 +493,16 @@ def remove_slave(dir: str, slave: str, force: bool) -> None:
     res = _engine_op(paths, "remove_slave",
                      lambda e: admin.remove_slave(e, paths, slave, force=force),
                      slave=slave, force=force)
-    click.echo(f"slave {res['name']} removed; its unit directory and data stay on its host")
+    _out(res, as_json,
+         f"slave {res['name']} removed; its unit directory and data stay on its host\n")
 
 
 @cli.command()
 @click.argument("dir", type=click.Path())
 @click.argument("slave")
 @click.option("--no-wait", is_flag=True, help="Start the sync and return.")
-def sync(dir: str, slave: str, no_wait: bool) -> None:
+@json_option
+def sync(dir: str, slave: str, no_wait: bool, as_json: bool) -> None:
     """Fully synchronize a slave: a block copy of the whole image, throttled by sync_rate.
 
     Host writes during the sync are forwarded only where the copy has already passed. Progress
@@ -531,10 +538,11 @@ def sync(dir: str, slave: str, no_wait: bool) -> None:
             raise UsageError("--no-wait needs a mounted mirror (otherwise the sync runs in "
                              "this command)") from None
         _engine_op(paths, "sync", offline, slave=slave)
-        click.echo(f"slave {slave}: synchronized")
+        _out({"slave": slave, "synchronized": True}, as_json, f"slave {slave}: synchronized\n")
         return
     if no_wait:
-        click.echo(f"slave {slave}: sync started")
+        _out({"slave": slave, "synchronized": False, "started": True}, as_json,
+             f"slave {slave}: sync started\n")
         return
     down_since: float | None = None
     while True:
@@ -556,31 +564,34 @@ def sync(dir: str, slave: str, no_wait: bool) -> None:
             raise admin.unreachable_error(img, "the mounted mirror goes on by itself when it "
                                           "is back (`fusemirror status` shows it)")
         time.sleep(0.5)
-    click.echo(f"slave {slave}: synchronized")
+    _out({"slave": slave, "synchronized": True}, as_json, f"slave {slave}: synchronized\n")
 
 
 @cli.command()
 @click.argument("dir", type=click.Path())
 @click.argument("slave")
-def fracture(dir: str, slave: str) -> None:
+@json_option
+def fracture(dir: str, slave: str, as_json: bool) -> None:
     """Split a slave off on purpose: writes are recorded in its fracture log until restore."""
     from . import admin
 
     paths = require_unit(dir)
-    _engine_op(paths, "fracture", lambda e: admin.fracture(e, slave), slave=slave)
-    click.echo(f"slave {slave}: fractured")
+    res = _engine_op(paths, "fracture", lambda e: admin.fracture(e, slave), slave=slave)
+    _out(res, as_json, f"slave {slave}: fractured\n")
 
 
 @cli.command()
 @click.argument("dir", type=click.Path())
 @click.argument("slave")
-def restore(dir: str, slave: str) -> None:
+@json_option
+def restore(dir: str, slave: str, as_json: bool) -> None:
     """Rejoin a fractured slave: it is caught up from its fracture log (extents only)."""
     from . import admin
 
     paths = require_unit(dir)
     res = _engine_op(paths, "restore", lambda e: admin.restore(e, slave), slave=slave)
-    click.echo(f"slave {slave}: restoring ({res['fracture_extents']} extents to catch up)")
+    _out(res, as_json,
+         f"slave {slave}: restoring ({res['fracture_extents']} extents to catch up)\n")
 
 
 @cli.command()
@@ -716,7 +727,9 @@ def _remote(address: str, secret_file: str | None, op: str, **args: Any) -> Any:
 @click.option("--secret-file", type=click.Path(dir_okay=False), metavar="FILE",
               help="The agents' shared secret (for HOST:PORT/NAME).")
 @click.option("--mirror", metavar="NAME", help="The mirror's name (for HOST:PORT/NAME).")
-def promote(target: str, force: bool, secret_file: str | None, mirror: str | None) -> None:
+@json_option
+def promote(target: str, force: bool, secret_file: str | None, mirror: str | None,
+            as_json: bool) -> None:
     """Make a slave image the master (run it on the slave's host, or name its agent).
 
     Preconditions (patent): the mirror has no master (demote it first), the slave is
@@ -729,7 +742,9 @@ def promote(target: str, force: bool, secret_file: str | None, mirror: str | Non
 
     if _is_address(target):
         res = _remote(target, secret_file, "promote", force=force, mirror=mirror or "")
-        click.echo(f"{target} promoted to master (generation {res['generation'][0]})")
+        _out({"unit": target, "role": "master", "generation": res["generation"][0],
+              "members": res.get("members", {})}, as_json,
+             f"{target} promoted to master (generation {res['generation'][0]})\n")
         return
     paths = require_unit(target)
     # refused before the agent lets go of the unit: a refusal leaves replication running
@@ -739,8 +754,10 @@ def promote(target: str, force: bool, secret_file: str | None, mirror: str | Non
         db = lifecycle.promote(paths, force=force)
         res = _push(paths, db)
     told = ", ".join(f"{k}: {v}" for k, v in res.items()) or "no other member"
-    click.echo(f"{paths.dir} is now the master of {db.name!r} (generation "
-               f"{db.generation[0]}; {told}); mount it and activate")
+    _out({"unit": paths.dir, "role": "master", "mirror": db.name,
+          "generation": db.generation[0], "members": res}, as_json,
+         f"{paths.dir} is now the master of {db.name!r} (generation {db.generation[0]}; "
+         f"{told}); mount it and activate\n")
 
 
 @cli.command()
@@ -750,7 +767,8 @@ def promote(target: str, force: bool, secret_file: str | None, mirror: str | Non
               "is still connected to this slave.")
 @click.option("--discard", is_flag=True, help="Throw this unit's data away: it rejoins with a "
               "full sync (the way out of a split brain).")
-def demote(dir: str, force: bool, discard: bool) -> None:
+@json_option
+def demote(dir: str, force: bool, discard: bool, as_json: bool) -> None:
     """Demote the master held in DIR to a slave; or, given a slave's unit directory, record that
     its (lost) master is demoted.
 
@@ -769,19 +787,22 @@ def demote(dir: str, force: bool, discard: bool) -> None:
         db = lifecycle.demote(paths, force=force, discard=discard)
         res = _push(paths, db)
     told = ", ".join(f"{k}: {v}" for k, v in res.items()) or "no other member reached"
-    click.echo(f"demoted ({told})")
+    _out({"unit": paths.dir, "role": db.self_image["role"], "state": db.state,
+          "generation": db.generation[0], "members": res}, as_json, f"demoted ({told})\n")
 
 
 @cli.command()
 @click.argument("dir", type=click.Path())
-def destroy(dir: str) -> None:
+@json_option
+def destroy(dir: str, as_json: bool) -> None:
     """Destroy the mirror (INACTIVE, master, no slave left). DIR/image stays: the data is kept."""
     from . import lifecycle
 
     paths = require_unit(dir)
     with UnitLock(paths, "destroy"):
         lifecycle.destroy(paths)
-    click.echo(f"mirror destroyed; the data stays in {paths.dir}/image")
+    _out({"unit": paths.dir, "destroyed": True, "image": f"{paths.dir}/image"}, as_json,
+         f"mirror destroyed; the data stays in {paths.dir}/image\n")
 
 
 @cli.command(name="fsck", context_settings={"ignore_unknown_options": True})

@@ -252,17 +252,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.no and args.yes:
         print("fsck.fusemirror: -n and -y exclude each other", file=sys.stderr)
         return FSCK_USAGE
+    why = None
     try:
         code, summary = run(args.dir, dry_run=args.no, yes=args.yes, checksum=args.checksum,
                             progress=True)
     except BusyError as e:
-        print(f"fsck.fusemirror: {e.msg}; unmount it first", file=sys.stderr)
-        return FSCK_ERROR
+        why = f"{e.msg}; unmount it first"
     except FusemirrorError as e:
-        print(f"fsck.fusemirror: {e.msg}", file=sys.stderr)
-        return FSCK_ERROR
+        why = e.msg
     except OSError as e:
-        print(f"fsck.fusemirror: {e.filename or args.dir}: {e.strerror}", file=sys.stderr)
+        why = f"{e.filename or args.dir}: {e.strerror}"
+    if why is not None:
+        print(f"fsck.fusemirror: {why}", file=sys.stderr)
+        if args.as_json:    # a script still gets one object, saying what stopped fsck
+            print(json.dumps({"unit": args.dir, "exit": FSCK_ERROR, "action": "none",
+                              "error": why}, indent=2, sort_keys=True))
         return FSCK_ERROR
     summary["exit"] = code
     if args.as_json:

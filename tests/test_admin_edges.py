@@ -127,3 +127,35 @@ def test_ctrl_c_on_an_offline_sync_says_interrupted(tmp_path, agent_factory,
     assert p.returncode == 130, (p.returncode, err)
     assert err.strip().endswith("interrupted") and "Traceback" not in err, err
     assert slave_record(unit)["sync_progress"] > 0, "progress kept for the next sync"
+
+
+def test_every_changing_command_speaks_json(tmp_path, agent_factory, secret_file) -> None:
+    """Scripts get one JSON object on stdout from every command that changes something."""
+    agent = agent_factory()
+
+    def js(*args: str) -> dict:
+        r = run_fm(*args, "--json")
+        return json.loads(r.stdout)
+
+    unit = tmp_path / "m"
+    run_fm("create", str(unit), "--size", "16M", "--secret-file", str(secret_file))
+    run_fm("add-slave", str(unit), agent.address("s1"), "--synchronized")
+    assert js("set", str(unit), "heartbeat=0.5") == {"heartbeat": 0.5}
+    run_fm("activate", str(unit))
+    assert js("fracture", str(unit), "s1")["name"].endswith("/s1")
+    assert "fracture_extents" in js("restore", str(unit), "s1")
+    assert js("sync", str(unit), "s1") == {"slave": "s1", "synchronized": True}
+    run_fm("deactivate", str(unit))
+    assert js("remove-slave", str(unit), "s1")["removed"] is True
+    assert js("destroy", str(unit))["destroyed"] is True
+
+    unit2 = tmp_path / "m2"
+    run_fm("create", str(unit2), "--size", "16M", "--secret-file", str(secret_file))
+    run_fm("add-slave", str(unit2), agent.address("s2"), "--synchronized")
+    d = js("demote", str(unit2))
+    assert d["role"] == "slave" and d["state"] == "INACTIVE"
+    p = js("promote", str(agent.root / "s2"))
+    assert p["role"] == "master" and p["generation"] > d["generation"]
+
+    r = run_fm("fsck", "/nonexistent", "--json", check=False)   # an error is an object too
+    assert r.returncode == 8 and "no such directory" in json.loads(r.stdout)["error"]
