@@ -23,6 +23,7 @@ Invariants (SPEC §3 item 8), and where they are kept:
 
 from __future__ import annotations
 
+import collections
 import errno
 import functools
 import logging
@@ -461,15 +462,22 @@ class Engine:
             if len(batch) < want and self.db.mirror["write_policy"] == "async":
                 # extents kept active only by a slow async slave's backlog: their unsent
                 # writes go to its fracture log instead, so the bound holds and the host does
-                # not wait for that slave (SPEC §3 item 5)
+                # not wait for that slave (SPEC §3 item 5). Only extents whose every queued
+                # write is still unsent (a write on the wire cannot be taken back)
+                unsent = collections.Counter[int]()
+                for link in self.links:
+                    unsent.update(link.unsent_writes())
+                drop = []
                 for e, st in self.extents.items():
-                    if len(batch) >= want:
+                    if len(batch) + len(drop) >= want:
                         break
-                    if st.queued and e not in batch and self._retirable(st, backlog=True):
-                        for link in self.links:
-                            link.drop_queued(e)
-                        if self._retirable(st):
-                            batch.append(e)
+                    if st.queued and unsent[e] == st.queued and e not in batch and \
+                            self._retirable(st, backlog=True):
+                        drop.append(e)
+                if drop:
+                    for link in self.links:
+                        link.drop_queued(set(drop))
+                    batch += [e for e in drop if self._retirable(self.extents[e])]
             if not batch:
                 return False
             try:

@@ -39,6 +39,7 @@ log = logging.getLogger("fusemirror.link")
 
 CONNECT_TIMEOUT = 5.0
 COPY_WINDOW = 8          # catch-up/sync copies in flight at once (bounds memory)
+URGENT_FLUSH_WAIT = 1.0  # the most a host write waiting for room waits for an async slave
 COPY_CHUNK = 1 << 20     # the most one copy reads and sends (well below the frame limit,
                          # whatever the extent size)
 
@@ -252,6 +253,11 @@ class _Entry:
         self.nblocks = nblocks
         self.gseq = 0
 
+    @property
+    def host_write(self) -> bool:
+        """A host write (what the async backlog bounds), not a copy, flush or request."""
+        return not (self.flush or self.copy or self.make is not None)
+
 
 class SlaveLink:
     """Everything the master knows and does about one slave image (see the module doc)."""
@@ -292,6 +298,11 @@ class SlaveLink:
         # extents missed while a catch-up or full sync runs: the copy may have read them
         # before the write it missed, so the resync's end must not clear them
         self._missed_during: set[int] | None = None
+        # fracture-log updates: a retire's add and a resync's remove of the same extent must
+        # not cross (the remove would clear a bit the add just set)
+        self._fracture_lock = trio.Lock()
+        self._push_lock = trio.Lock()          # one prepare/commit pair at a time
+        self._slow_flush: _Entry | None = None  # an urgent flush the slave has not answered
 
     # ---- facts -----------------------------------------------------------------------------
     @property
@@ -391,7 +402,7 @@ class SlaveLink:
         self.queued_bytes -= len(entry.data)
         for st in entry.sts:
             st.queued -= 1
-        if not entry.flush and entry.make is None and not ok:
+        if not ok and (entry.host_write or entry.copy):   # it did not land
             self._miss(entry.exts)
         entry.done.set()
 
@@ -407,26 +418,33 @@ class SlaveLink:
         a flush, which must find every copy below that point on the slave — a dropped copy
         would be remembered in memory only, and lost with a crash.
         """
-        def host_write(e: _Entry) -> bool:
-            return not (e.flush or e.copy or e.make is not None)
-
-        dropped = [e for e in self._queue if host_write(e)]
-        self._queue = collections.deque(e for e in self._queue if not host_write(e))
+        dropped = [e for e in self._queue if e.host_write]
+        self._queue = collections.deque(e for e in self._queue if not e.host_write)
         for entry in dropped:
             self._finish(entry, False)
         log.warning("slave %s: write backlog overflow (%d blocks): falling back to its "
                     "fracture log", self.name, self.engine.db.mirror["write_backlog_size"])
         self._lost_updates()
 
-    def drop_queued(self, e: int) -> None:
-        """Drop the host writes to extent ``e`` still waiting in the backlog (not sent): they
-        become missed, so ``e`` can retire through the fracture log (see Engine._make_room)."""
-        mine = [x for x in self._queue if not (x.flush or x.copy or x.make is not None)
-                and e in x.exts]
-        if not mine:
+    def unsent_writes(self) -> collections.Counter[int]:
+        """Per extent, the host writes still waiting in the backlog (not sent yet)."""
+        n: collections.Counter[int] = collections.Counter()
+        for x in self._queue:
+            if x.host_write:
+                n.update(x.exts)
+        return n
+
+    def drop_queued(self, exts: set[int]) -> None:
+        """Drop the unsent host writes to ``exts``: they become missed, so the extents can
+        retire through the fracture log (see Engine._make_room)."""
+        keep: collections.deque[_Entry] = collections.deque()
+        dropped = []
+        for x in self._queue:
+            (dropped if x.host_write and not exts.isdisjoint(x.exts) else keep).append(x)
+        if not dropped:
             return
-        self._queue = collections.deque(x for x in self._queue if x not in mine)
-        for entry in mine:
+        self._queue = keep
+        for entry in dropped:
             self._finish(entry, False)
         self._lost_updates()
 
@@ -524,26 +542,43 @@ class SlaveLink:
         g = st.slave_last.get(self.id)
         return g is not None and g > self.flushed_gseq
 
+    async def _urgent_flush(self) -> bool:
+        """A flush a host write may wait for: URGENT_FLUSH_WAIT at most, and not at all while
+        the slave has not answered the previous one (it is slow or stopped)."""
+        if not self.accepting:
+            return False
+        if self._slow_flush is not None and not self._slow_flush.done.is_set():
+            return False
+        entry = self._enqueue(_Entry(0, b"", [], [], flush=True))
+        with trio.move_on_after(URGENT_FLUSH_WAIT):
+            await entry.done.wait()
+        if not entry.done.is_set():
+            self._slow_flush = entry
+            return False
+        return entry.ok
+
     async def secure(self, batch: list[int], *, urgent: bool = False) -> None:
         """Before ``batch`` retires: each extent is flushed on the slave or in its fracture log.
 
-        ``urgent`` (a host write waits for the room) with an async backlog ahead: a flush would
-        wait behind all of it, so what the slave has not acknowledged durable goes to its
-        fracture log instead (caught up later) — a slow async slave never stalls the host.
+        ``urgent`` (a host write waits for the room), async policy: the flush is waited for
+        briefly (see _urgent_flush); if the slave does not answer in time, what it has not
+        acknowledged durable goes to its fracture log (caught up later) — a slow async slave
+        never stalls the host for long.
         """
         need = [e for e in batch if e not in self.missed
                 and self.unflushed(e, self.engine.extents[e])]
-        if need and urgent and self.queued_bytes and \
-                self.engine.db.mirror["write_policy"] == "async":
-            self._miss(need)
-            self._lost_updates()
+        if need and urgent and self.engine.db.mirror["write_policy"] == "async":
+            if not await self._urgent_flush():
+                self._miss(need)
+                self._lost_updates()
         elif need and not await self.flush():
             self._miss(need)
-        lost = [e for e in batch if e in self.missed]
-        if lost:
-            await trio.to_thread.run_sync(self.fracture.add, lost)
-            for e in lost:
-                self.missed.pop(e, None)
+        async with self._fracture_lock:
+            lost = [e for e in batch if e in self.missed]
+            if lost:
+                await trio.to_thread.run_sync(self.fracture.add, lost)
+                for e in lost:
+                    self.missed.pop(e, None)
             limit = int(self.engine.db.mirror.get("fracture_log_size") or 0)
             if limit and len(self.fracture) > limit and self.state != states.UNSYNCHRONIZED:
                 log.warning("slave %s: fracture log holds %d extents, over its size %d: the "
@@ -810,10 +845,17 @@ class SlaveLink:
             if self.missed[e] <= stamp and e not in again:
                 del self.missed[e]
         done = [e for e in covered if e not in again]
-        await trio.to_thread.run_sync(self.fracture.remove, done)
+        async with self._fracture_lock:
+            await trio.to_thread.run_sync(self.fracture.remove, done)
 
     async def _catch_up(self) -> None:
         """Copy the fracture log's and the missed extents (only those), then stream."""
+        try:
+            await self._catch_up_run()
+        finally:
+            self._missed_during = None   # also when the link drops mid-copy
+
+    async def _catch_up_run(self) -> None:
         self.mode = "catchup"
         self._set_state("sync_start")
         es = self.engine.extent_size
@@ -834,7 +876,6 @@ class SlaveLink:
             if not await self.flush():
                 raise LinkDown("catch-up flush failed")
             await self._resynced(todo, stamp)
-        self._missed_during = None
         self.mode = "streaming"
         if self.image.get("sync_progress") is None:   # else a full sync was asked meanwhile
             self.sync_requested = False
@@ -846,6 +887,12 @@ class SlaveLink:
 
     async def _full_sync(self) -> None:
         """Block copy of the whole image behind a cursor (patent: sync), resumable."""
+        try:
+            await self._full_sync_run()
+        finally:
+            self._missed_during = None   # also when the link drops mid-copy
+
+    async def _full_sync_run(self) -> None:
         eng = self.engine
         start = int(self.image.get("sync_progress") or 0)
         stamp = self._stamp
@@ -901,8 +948,9 @@ class SlaveLink:
             return
         gen = [data["generation"]["counter"], data["generation"]["id"]]
         try:
-            await self.call(lambda s: P.Request(s, "db_prepare", {"db": data}))
-            await self.call(lambda s: P.Request(s, "db_commit", {"generation": gen}))
+            async with self._push_lock:     # pairs from two saves must not interleave
+                await self.call(lambda s: P.Request(s, "db_prepare", {"db": data}))
+                await self.call(lambda s: P.Request(s, "db_commit", {"generation": gen}))
         except (LinkDown, OSError) as e:
             log.warning("slave %s: database update not taken: %s", self.name, e)
 
@@ -919,11 +967,13 @@ class SlaveLink:
             return
         log.warning("slave %s: stopping with %d bytes of backlog not taken within %gs: they "
                     "go to its fracture log", self.name, self.queued_bytes, self.timeout)
+        self._stopping = True       # no reconnect while the engine closes; not an outage
         if self.chan is not None:
             self.chan.fail(LinkDown("the mirror is stopping"))
         dropped, self._queue = self._queue, collections.deque()
         for entry in dropped:
             self._finish(entry, False)
+        self._lost_updates()        # it lacks the tail: not promotable without --force
 
     def stop(self) -> None:
         self._stopping = True

@@ -55,13 +55,14 @@ def test_throttled_sync_forwards_writes_landing_in_the_chunk_just_copied(
     written = []
     fd = os.open(m.image, os.O_RDWR)
     try:
-        for _ in range(8):
+        for i in range(8):
             done = slave_status(m)["sync"]["done"]
-            # the copy reads a chunk, queues it, then sleeps: a write here lands in the chunk
-            # just copied (when the cursor moved on only after the sleep) or in the next one
-            off = done + 512 * 1024
-            if off + 4096 > 48 * MiB:
-                break
+            # the copy reads a chunk, queues it, then sleeps: ahead of the cursor a write lands
+            # in the chunk just copied (when the cursor moved on only after the sleep) or in
+            # the next one; behind it, it must be forwarded
+            off = done + 512 * 1024 if i % 2 == 0 else done - 512 * 1024
+            if off < 0 or off + 4096 > 48 * MiB:
+                continue
             os.pwrite(fd, os.urandom(4096), off)
             os.fsync(fd)
             written.append(off)
@@ -287,5 +288,33 @@ def test_a_stopped_async_slave_does_not_stall_evictions(tmp_path, agent_factory,
         agent.proc.send_signal(signal.SIGCONT)
         t.join(timeout=120)
     wait_for(lambda: sync_done(m), what="the catch-up", timeout=60)
+    run_fm("umount", str(m.mnt))
+    assert images_equal(unit / "image", agent.root / "s1" / "image")
+
+
+def test_evictions_leave_a_healthy_async_slave_streaming(tmp_path, agent_factory, secret_file,
+                                                         mounter) -> None:
+    """The same eviction pressure with the agent running: each eviction's flush is answered in
+    time, so nothing goes to the fracture log and the slave is never demoted to a catch-up."""
+    agent = agent_factory()
+    unit = make_mirror(tmp_path, agent, secret_file, size="64M", policy="async",
+                       extra=("--activity-log-extents", "16"))
+    m: Mounted = mounter(unit)
+    wait_for(lambda: sync_done(m), what="the initial sync")
+    mark = len((unit / "daemon.log").read_text())
+    data = os.urandom(MiB)
+    fd = os.open(m.image, os.O_RDWR)
+    try:
+        for rep in range(4):                 # enough that the backlog is rarely empty
+            for e in range(48):
+                os.pwrite(fd, data, e * MiB)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    wait_for(lambda: slave_status(m)["lag_bytes"] == 0, what="the backlog to drain")
+    log = (unit / "daemon.log").read_text()[mark:]
+    assert "catching up" not in log and "updates lost" not in log, log
+    assert m.status()["journal"]["active_extents"] <= 16 + 1
+    assert slave_status(m)["fracture_extents"] == 0
     run_fm("umount", str(m.mnt))
     assert images_equal(unit / "image", agent.root / "s1" / "image")
