@@ -54,14 +54,19 @@ def _int(lo: int | None = None) -> Callable[[str | int], int]:
     return conv
 
 
-def _seconds(v: str | float) -> float:
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        raise ValueError("a number of seconds > 0") from None
-    if not x > 0:
-        raise ValueError("a number of seconds > 0")
-    return x
+def _seconds(most: float) -> Callable[[str | float], float]:
+    """Seconds > 0 and at most ``most`` (a huge heartbeat would also be the wait before each
+    reconnect: a slave would never come back)."""
+    def conv(v: str | float) -> float:
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"a number of seconds > 0 and <= {most:g}") from None
+        if not 0 < x <= most:
+            raise ValueError(f"a number of seconds > 0 and <= {most:g}")
+        return x
+
+    return conv
 
 
 def _choice(*options: str) -> Callable[[str], str]:
@@ -102,7 +107,7 @@ MIRROR_ATTRS: dict[str, Attr] = {
                               "needs a full sync (0 = no limit)"),
     "max_missing_images": Attr(_int(-1), "slaves that may be missing while ACTIVE (-1 disables)"),
     "min_images_required": Attr(_int(-1), "images needed to activate (-1 disables)"),
-    "heartbeat": Attr(_seconds, "seconds between heartbeats to each slave"),
+    "heartbeat": Attr(_seconds(60), "seconds between heartbeats to each slave"),
     "sync_priority": Attr(_int(0), "priority of this mirror's syncs (higher first)"),
     "write_policy": Attr(_choice("sync", "async"), "sync: answered after every reachable slave; "
                          "async: after journal and master"),
@@ -111,7 +116,7 @@ MIRROR_ATTRS: dict[str, Attr] = {
 }
 
 IMAGE_ATTRS: dict[str, Attr] = {
-    "timeout": Attr(_seconds, "seconds without an answer before a slave is UNREACHABLE"),
+    "timeout": Attr(_seconds(3600), "seconds without an answer before a slave is UNREACHABLE"),
     "sync_rate": Attr(_rate, "bytes/s throttle for full sync and catch-up (0 = unlimited)"),
     "recovery_policy": Attr(_choice("auto", "manual"), "auto: resynchronize when it comes back"),
 }

@@ -118,6 +118,9 @@ def test_get_set_validation(tmp_path) -> None:
     got = json.loads(run_fm("get", str(unit), "--json").stdout)
     assert got["heartbeat"] == 2.5 and got["max_missing_images"] == 0
     assert run_fm("get", str(unit), "heartbeat").stdout.strip() == "heartbeat = 2.5"
+    # a heartbeat is also the wait before each reconnect: bounded
+    r = run_fm("set", str(unit), "heartbeat=1e9", check=False)
+    assert r.returncode == 2 and "<= 60" in r.stderr
 
 
 def synchronized_pair(tmp_path: Path, agent, secret_file: Path, size: str, *settings: str,
