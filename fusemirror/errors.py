@@ -17,8 +17,6 @@ without a traceback and exits with its code. Exit codes (documented in ``fusemir
 
 from __future__ import annotations
 
-import errno
-
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -71,21 +69,22 @@ class CorruptError(FusemirrorError):
     """On-disk metadata (journal, mirror database) failed validation."""
 
 
-# A refusal answered over the protocol carries its exit code as an errno, so that
-# `fusemirror promote HOST:PORT/NAME` exits as the same refusal on the local unit would.
-_ERRNO_OF_EXIT = {EXIT_FAILURE: errno.EIO, EXIT_USAGE: errno.EINVAL, EXIT_STATE: errno.EPERM,
-                  EXIT_BUSY: errno.EBUSY, EXIT_RECOVERY: errno.EUCLEAN}
-_EXIT_OF_ERRNO = {v: k for k, v in _ERRNO_OF_EXIT.items()}
+# A refusal answered over the protocol carries its exit code in the answer's error number,
+# above every real errno, so that `fusemirror promote HOST:PORT/NAME` exits as the same refusal
+# on the local unit would, and a real OS error the agent met (EPERM, EBUSY...) stays exit 1.
+REFUSAL_ERRNO_BASE = 0x10000
 
 
 def errno_for(e: FusemirrorError) -> int:
-    """The errno an agent answers a refusal with (see exit_for_errno)."""
-    return _ERRNO_OF_EXIT.get(e.exitcode, errno.EIO)
+    """The error number an agent answers a refusal with (see exit_for_errno)."""
+    return REFUSAL_ERRNO_BASE + e.exitcode
 
 
 def exit_for_errno(n: int | None) -> int:
-    """The exit code of a refusal a peer answered with errno ``n``."""
-    return _EXIT_OF_ERRNO.get(n or errno.EIO, EXIT_FAILURE)
+    """The exit code of an answer with error number ``n``: a refusal's own, else 1."""
+    if n is not None and REFUSAL_ERRNO_BASE < n <= REFUSAL_ERRNO_BASE + 255:
+        return n - REFUSAL_ERRNO_BASE
+    return EXIT_FAILURE
 
 
 def unwrap(exc: BaseException) -> BaseException:

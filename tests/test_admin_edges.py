@@ -159,3 +159,19 @@ def test_every_changing_command_speaks_json(tmp_path, agent_factory, secret_file
 
     r = run_fm("fsck", "/nonexistent", "--json", check=False)   # an error is an object too
     assert r.returncode == 8 and "no such directory" in json.loads(r.stdout)["error"]
+
+
+def test_refusal_exit_codes_cross_the_wire_and_os_errors_stay_failures() -> None:
+    """An agent's refusal carries its exit code; a real OS error it met (EPERM, EBUSY,
+    EINVAL from a system call) is a failure (1), not a state, busy or usage refusal."""
+    import errno as E
+
+    from fusemirror.errors import (BusyError, FusemirrorError, NeedsRecoveryError, StateError,
+                                   UsageError, errno_for, exit_for_errno)
+
+    for err, code in ((StateError("s"), 3), (BusyError("b"), 4), (UsageError("u"), 2),
+                      (NeedsRecoveryError("r"), 5), (FusemirrorError("f"), 1)):
+        n = errno_for(err)
+        assert n > 0xFFFF and exit_for_errno(n) == code
+    for n in (E.EPERM, E.EBUSY, E.EINVAL, E.EIO, E.ENOSPC, None):
+        assert exit_for_errno(n) == 1
