@@ -83,6 +83,8 @@ def format_text(st: dict[str, Any]) -> str:
         reach = "reachable" if img["reachable"] else "UNREACHABLE"
         if not img.get("reachable_known", True):
             reach = f"last-known:{reach.lower()}"
+        if img.get("mode") == "fractured":
+            reach = "fractured"     # split off on purpose, not lost: `fusemirror restore`
         extra = ""
         if img["role"] == "slave":
             extra = (f" fracture:{img['fracture_extents']} "

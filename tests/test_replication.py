@@ -200,6 +200,8 @@ def test_fracture_and_restore_copy_only_the_missed_extents(tmp_path, agent_facto
     wait_for(lambda: streaming(m), what="initial sync")
     run_fm("fracture", str(unit), "s1")
     assert slave_status(m)["mode"] == "fractured"
+    line = next(x for x in run_fm("status", str(unit)).stdout.splitlines() if "/s1 " in x)
+    assert " fractured " in line and "UNREACHABLE" not in line, line
     with open(m.image, "r+b") as f:
         for e in (1, 5, 9, 60):
             f.seek(e * MiB + 100)
