@@ -623,6 +623,9 @@ class SlaveLink:
                 self._down(str(e))
                 await self._nap(self.heartbeat)
                 continue
+            if self._stopping:          # stopped while connecting: nothing more to say
+                await chan.aclose()
+                break
             try:
                 await self._session(chan)
             except LinkDown as e:
@@ -645,6 +648,8 @@ class SlaveLink:
                     saved = await self.engine.save_db(push=False)
                     if saved is None:
                         raise LinkDown("the master could not save its database")
+                    if self._stopping:   # stopped (or removed) while it was connecting
+                        raise LinkDown("the link is stopping")
                     await chan.request("db_write", db=saved)
             except (trio.TooSlowError, LinkDown, OSError) as e:
                 failure = LinkDown(f"the agent refused the unit: {e.strerror or e}"
