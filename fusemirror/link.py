@@ -397,6 +397,8 @@ class SlaveLink:
         return entry
 
     def _finish(self, entry: _Entry, ok: bool) -> None:
+        if entry.done.is_set():
+            return                  # finished already (a cancelled send, then its waiter)
         entry.ok = ok
         self.backlog_blocks -= entry.nblocks
         self.queued_bytes -= len(entry.data)
@@ -531,6 +533,11 @@ class SlaveLink:
                 chan.fail(LinkDown(f"cannot send: {e}"))
                 self._finish(entry, False)
                 continue
+            except BaseException:
+                # cancelled before its waiter was registered: no one else would finish it
+                # (its extents would stay counted as queued for ever)
+                self._finish(entry, False)
+                raise
             entry.gseq = self._gbase + w.seq
             self._gmax = max(self._gmax, entry.gseq)
             if not entry.flush and entry.make is None:
@@ -651,6 +658,8 @@ class SlaveLink:
                     if self._stopping:   # stopped (or removed) while it was connecting
                         raise LinkDown("the link is stopping")
                     await chan.request("db_write", db=saved)
+                    if self._stopping:   # ... or while the database went out
+                        raise LinkDown("the link is stopping")
             except (trio.TooSlowError, LinkDown, OSError) as e:
                 failure = LinkDown(f"the agent refused the unit: {e.strerror or e}"
                                    if isinstance(e, OSError) else f"opening the unit failed: {e}")
