@@ -175,7 +175,8 @@ async def _rejoin(engine: Engine, paths: UnitPaths, addr: str, unit: dict[str, A
         rec["state"] = unit["state"] if unit["state"] != states.SYNCHRONIZED else \
             states.CONSISTENT
         if extents:
-            await trio.to_thread.run_sync(link.fracture.add, extents)
+            async with link._fracture_lock:     # as every other fracture-log update
+                await trio.to_thread.run_sync(link.fracture.add, extents)
     owed = None if mode == "full" else link.fracture_count()
     db.bump_generation()
     await engine.save_db()
