@@ -356,7 +356,7 @@ async def wait_synced(engine: Engine, name: str,
     Fails (instead of waiting for ever, holding the unit) once the slave has been unreachable
     for its timeout; the saved progress lets the next `fusemirror sync` resume."""
     link = find_link(engine, name)
-    down_since: float | None = None
+    down = DownFor()
     while True:
         st = link.status()
         if progress:
@@ -364,14 +364,25 @@ async def wait_synced(engine: Engine, name: str,
         if link.mode == "streaming" and not link.fracture_count() and \
                 link.image.get("sync_progress") is None and not link.sync_requested:
             return st
-        now = trio.current_time()
-        if link.reachable:
-            down_since = None
-        elif down_since is None:
-            down_since = now
-        elif now - down_since > link.timeout + link.heartbeat:
+        if down.longer_than(link.timeout + link.heartbeat, link.reachable):
             raise unreachable_error(st, "run `fusemirror sync` again when it is back")
         await trio.sleep(0.2)
+
+
+class DownFor:
+    """For a command waiting on a slave: has it been unreachable, without a break, for
+    longer than a limit? (Fed one observation per poll.)"""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+
+    def longer_than(self, limit: float, reachable: bool) -> bool:
+        now = time.monotonic()
+        if reachable:
+            self.since = None
+        elif self.since is None:
+            self.since = now
+        return self.since is not None and now - self.since > limit
 
 
 def unreachable_error(st: dict[str, Any], then: str) -> FusemirrorError:

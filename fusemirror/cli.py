@@ -544,7 +544,7 @@ def sync(dir: str, slave: str, no_wait: bool, as_json: bool) -> None:
         _out({"slave": slave, "synchronized": False, "started": True}, as_json,
              f"slave {slave}: sync started\n")
         return
-    down_since: float | None = None
+    down = admin.DownFor()
     while True:
         st = control.request(paths.control, "status")
         img = next((i for i in st["images"] if slave in (i["name"], i.get("address"))
@@ -555,12 +555,7 @@ def sync(dir: str, slave: str, no_wait: bool, as_json: bool) -> None:
         if img.get("mode") == "streaming" and img.get("sync_progress") is None \
                 and not img.get("fracture_extents"):
             break
-        now = time.monotonic()
-        if img.get("reachable"):
-            down_since = None
-        elif down_since is None:
-            down_since = now
-        elif now - down_since > float(img.get("timeout") or 5.0) + 1.0:
+        if down.longer_than(float(img.get("timeout") or 5.0) + 1.0, bool(img.get("reachable"))):
             raise admin.unreachable_error(img, "the mounted mirror goes on by itself when it "
                                           "is back (`fusemirror status` shows it)")
         time.sleep(0.5)
@@ -633,13 +628,11 @@ def _is_address(text: str) -> bool:
 def _refuse_if_master_alive(paths: UnitPaths) -> None:
     """Demoting the master from a slave's unit is for a master that is lost: refuse while it
     is still talking to this slave (its agent saw a frame within the slave's timeout)."""
-    from .agent import AGENT_CONTROL
-
     db = MirrorDB.load(paths.dir)
     master = db.master
     if db.self_image["role"] != "slave" or master is None:
         return
-    sock = os.path.join(os.path.dirname(paths.dir), AGENT_CONTROL)
+    sock = _agent_socket(paths)
     try:
         st = control.request(sock, "status", timeout=10) if os.path.exists(sock) else {}
     except control.NotRunning:
@@ -654,11 +647,16 @@ def _refuse_if_master_alive(paths: UnitPaths) -> None:
             "demote it from here anyway (its host I/O then fails)")
 
 
-def _release_from_agent(paths: UnitPaths) -> None:
-    """If an agent serves this unit (ROOT/NAME), ask it to let go of the unit's lock."""
+def _agent_socket(paths: UnitPaths) -> str:
+    """The control socket of the agent that would serve this unit (ROOT/NAME)."""
     from .agent import AGENT_CONTROL
 
-    sock = os.path.join(os.path.dirname(paths.dir), AGENT_CONTROL)
+    return os.path.join(os.path.dirname(paths.dir), AGENT_CONTROL)
+
+
+def _release_from_agent(paths: UnitPaths) -> None:
+    """If an agent serves this unit (ROOT/NAME), ask it to let go of the unit's lock."""
+    sock = _agent_socket(paths)
     if lock_holder(paths) is None or not os.path.exists(sock):
         return
     try:

@@ -787,6 +787,8 @@ class SlaveLink:
                 if self.chan is not None:
                     self.chan.fail(LinkDown(f"resynchronization failed: {e}"))
                 return
+            finally:
+                self._missed_during = None   # a resync ended, or failed mid-copy
             if self.mode in ("streaming", "idle", "fractured") and (
                     self.mode != "streaming" or not self.fracture_count()):
                 await self._nap(3600)
@@ -864,12 +866,6 @@ class SlaveLink:
 
     async def _catch_up(self) -> None:
         """Copy the fracture log's and the missed extents (only those), then stream."""
-        try:
-            await self._catch_up_run()
-        finally:
-            self._missed_during = None   # also when the link drops mid-copy
-
-    async def _catch_up_run(self) -> None:
         self.mode = "catchup"
         self._set_state("sync_start")
         es = self.engine.extent_size
@@ -901,12 +897,6 @@ class SlaveLink:
 
     async def _full_sync(self) -> None:
         """Block copy of the whole image behind a cursor (patent: sync), resumable."""
-        try:
-            await self._full_sync_run()
-        finally:
-            self._missed_during = None   # also when the link drops mid-copy
-
-    async def _full_sync_run(self) -> None:
         eng = self.engine
         start = int(self.image.get("sync_progress") or 0)
         stamp = self._stamp

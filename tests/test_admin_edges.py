@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from conftest import FM, Mounted, run_fm, wait_for
-from test_replication import make_mirror, slave_status, streaming
+from test_replication import lose_agent, make_mirror, slave_status, streaming
 
 
 def master_db(unit: Path) -> dict:
@@ -56,14 +56,11 @@ def test_a_slave_back_after_missing_nothing_is_promotable(tmp_path, agent_factor
     nothing, so no flag is left that would make a later promote need --force."""
     agent = agent_factory()
     agent.expected_errors.append("refused")
-    unit = make_mirror(tmp_path, agent, secret_file, size="16M")
-    run_fm("set", str(unit), "heartbeat=0.2")
-    run_fm("set", str(unit), "--image", "s1", "timeout=1")
+    unit = make_mirror(tmp_path, agent, secret_file, size="16M", quick_timeout=True)
     m: Mounted = mounter(unit)
     m.expect_errors()
     wait_for(lambda: streaming(m), what="streaming")
-    agent.kill()
-    wait_for(lambda: not slave_status(m)["reachable"], what="UNREACHABLE")
+    lose_agent(m, agent)
     wait_for(lambda: slave_record(unit).get("unreachable_since_catchup"),
              what="the flag saved while it is away")
     assert slave_status(m)["unreachable_since_catchup"] is True

@@ -25,13 +25,24 @@ def slave_status(m: Mounted, name: str = "s1") -> dict:
 
 
 def make_mirror(tmp_path: Path, agent: Agent, secret_file: Path, *, size: str = "32M",
-                policy: str = "sync", name: str = "s1", extra: tuple[str, ...] = ()) -> Path:
+                policy: str = "sync", name: str = "s1", extra: tuple[str, ...] = (),
+                quick_timeout: bool = False) -> Path:
+    """An ACTIVE mirror with one slave; ``quick_timeout``: found UNREACHABLE within 1 s."""
     unit = tmp_path / f"m-{name}"
     run_fm("create", str(unit), "--size", size, "--write-policy", policy, "--secret-file",
            str(secret_file), *extra)
     run_fm("add-slave", str(unit), agent.address(name))
+    if quick_timeout:
+        run_fm("set", str(unit), "heartbeat=0.2")
+        run_fm("set", str(unit), "--image", name, "timeout=1")
     run_fm("activate", str(unit))
     return unit
+
+
+def lose_agent(m: Mounted, agent: Agent) -> None:
+    """Kill the slave's agent and wait until the master calls the slave UNREACHABLE."""
+    agent.kill()
+    wait_for(lambda: not slave_status(m)["reachable"], what="UNREACHABLE")
 
 
 def streaming(m: Mounted, name: str = "s1") -> bool:
@@ -222,14 +233,11 @@ def test_fracture_and_restore_copy_only_the_missed_extents(tmp_path, agent_facto
 def test_unreachable_agent_then_automatic_catch_up(tmp_path, agent_factory, secret_file,
                                                    mounter) -> None:
     agent = agent_factory()
-    unit = make_mirror(tmp_path, agent, secret_file, size="32M")
-    run_fm("set", str(unit), "heartbeat=0.2")
-    run_fm("set", str(unit), "--image", "s1", "timeout=1")
+    unit = make_mirror(tmp_path, agent, secret_file, size="32M", quick_timeout=True)
     m: Mounted = mounter(unit)
     m.expect_errors()
     wait_for(lambda: streaming(m), what="initial sync")
-    agent.kill()
-    wait_for(lambda: not slave_status(m)["reachable"], what="UNREACHABLE")
+    lose_agent(m, agent)
     assert m.status()["state"] == "ACTIVE", "max_missing_images=-1: the master keeps serving"
     with open(m.image, "r+b") as f:
         for e in (2, 3, 20):
