@@ -25,7 +25,7 @@ import trio
 import xxhash
 
 from . import protocol as P, states
-from .errors import CorruptError, FusemirrorError, UsageError, errno_for
+from .errors import CorruptError, FusemirrorError, StateError, UsageError, errno_for
 from .image import Image, WriteBehind
 from .mirrordb import MirrorDB, atomic_write
 from .unit import UnitLock, UnitPaths, create_slave_unit, is_unit
@@ -511,6 +511,11 @@ class Session:
 
         paths = UnitPaths(self.path)
         force = bool(args.get("force"))
+        if self.unit is not None:
+            # releasing the unit fences the session holding it, here this one: it would cancel
+            # itself and end as "fenced", promoting nothing (the CLI always asks on a fresh one)
+            raise StateError(f"unit {self.name} is open on this connection; ask for the "
+                             "promote on a connection that has not opened it")
         lifecycle.check_promote(MirrorDB.load(paths.dir), paths, force=force)  # before letting go
         await self.agent.release(self.name, by=self.peer)
         with UnitLock(paths, "promote"):

@@ -24,6 +24,7 @@ import pytest
 import trio
 
 from fusemirror import protocol as P
+from fusemirror.errors import exit_for_errno
 from fusemirror.link import Channel, LinkDown, _Waiter
 
 from conftest import run_fm, wait_for
@@ -588,6 +589,29 @@ def test_malformed_requests(slave: Slave) -> None:
             refused_as_protocol_error(s, unit, op, args, open=op in ("db_write", "no-such-op"))
         except Exception as e:
             raise AssertionError(f"case {unit} {op} {args}: {e}") from e
+
+
+def test_promote_on_the_connection_that_holds_the_unit_is_refused(slave: Slave) -> None:
+    """A promote asked for on a connection that has the unit open is refused with an error
+    answer on that connection (exit 3 for a CLI) instead of the agent fencing the asking
+    session itself (before the fix: the connection ended as "fenced by a newer connection",
+    nothing was promoted, the unit stayed held with no session). The unit stays a slave, the
+    connection stays usable, and a later client is served."""
+    s = slave
+    db_before = (s.unit / "mirror.json").read_bytes()
+
+    async def go() -> None:
+        async with Opened(s) as chan:
+            with pytest.raises(OSError) as ei:
+                await chan.request("promote", force=True)
+            assert exit_for_errno(ei.value.errno) == 3
+            assert "open on this connection" in str(ei.value)
+            assert isinstance(await chan.call(lambda q: P.Ping(q)), P.Ack)
+
+    run(go)
+    assert (s.unit / "mirror.json").read_bytes() == db_before
+    run(correct_client, s)
+    assert "Traceback" not in s.agent.log.read_text()
 
 
 def test_malformed_databases(slave: Slave) -> None:
