@@ -77,6 +77,8 @@ def find_link(engine: Engine, name: str) -> SlaveLink:
     for link in engine.links:
         if name in (link.name, link.addr, link.id):
             return link
+        if not link.addr:   # a former master not rejoined yet: no address to match
+            continue
         try:
             if parse_address(link.addr)[2] == name:
                 return link
@@ -84,6 +86,14 @@ def find_link(engine: Engine, name: str) -> SlaveLink:
             pass
     known = ", ".join(link.name for link in engine.links) or "none"
     raise UsageError(f"no slave {name!r} in mirror {engine.db.name!r} (slaves: {known})")
+
+
+def _require_address(link: SlaveLink, what: str) -> None:
+    """A former master not rejoined yet (demoted at a failover) has no address to reach."""
+    if not link.addr:
+        raise StateError(f"slave {link.name} is a former master that has not rejoined (no "
+                         f"address yet), so there is nothing to {what}: `fusemirror add-slave` "
+                         "its unit first")
 
 
 # ---- operations -------------------------------------------------------------------------------
@@ -216,6 +226,7 @@ async def remove_slave(engine: Engine, paths: UnitPaths, name: str, *,
 async def start_sync(engine: Engine, name: str) -> dict[str, Any]:
     """Full sync of a slave from the start, throttled by its sync_rate."""
     link = find_link(engine, name)
+    _require_address(link, "sync")
     if link.mode == "fractured":
         raise StateError(f"slave {link.name} is fractured; run `fusemirror restore` first")
     resuming = link.state == states.SYNCHRONIZING and link.image.get("sync_progress")
@@ -250,6 +261,7 @@ async def fracture(engine: Engine, name: str) -> dict[str, Any]:
 async def restore(engine: Engine, name: str) -> dict[str, Any]:
     """Rejoin a fractured (or manual-policy) slave: catch up from its fracture log."""
     link = find_link(engine, name)
+    _require_address(link, "restore")
     link.image["fractured"] = False
     if link.mode == "fractured":
         link.mode = "down"
@@ -277,7 +289,11 @@ async def verify(engine: Engine, name: str | None,
     Each chunk is held against host writes while both sides digest it, and the slave's
     request goes through its ordered stream, after every write queued before it.
     """
-    links = [find_link(engine, name)] if name else list(engine.links)
+    # a former master not rejoined yet has no address: nothing to compare with (named, it
+    # is refused below as not reachable)
+    links = [find_link(engine, name)] if name else [ln for ln in engine.links if ln.addr]
+    for link in links:
+        _require_address(link, "verify")
     if not links:
         raise UsageError(f"mirror {engine.db.name!r} has no slave to verify")
     bs = engine.db.block_size

