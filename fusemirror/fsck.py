@@ -27,7 +27,7 @@ import sys
 import time
 from typing import Any
 
-from . import journal as journal_mod, states
+from . import faults, journal as journal_mod, states
 from .errors import BusyError, CorruptError, FusemirrorError
 from .image import Image
 from .mirrordb import MirrorDB
@@ -100,8 +100,12 @@ def run(unit_dir: str, *, dry_run: bool, yes: bool, checksum: bool = False,
                                                      if db.slaves else ""))
                 return FSCK_UNCORRECTED, summary
             _resync(paths, db, None, summary, checksum=False, progress=progress)
+            # what the slaves lack (UNSYNCHRONIZED: the ones not copied) is saved before the
+            # journal that named it is gone: a crash in between must not leave them SYNCHRONIZED
+            db.save(paths.dir)
             journal_mod.reset(paths.journal, mirror_id=mid, extent_size=db.extent_size,
                               nextents=nextents)
+            faults.crash_point("fsck-journal-rebuilt")
             summary["action"] = "journal rebuilt" + (
                 "; every reachable slave fully resynchronized" if db.slaves else "")
             _conditions_hold_again(db, paths.dir, summary)

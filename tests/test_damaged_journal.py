@@ -143,3 +143,25 @@ def test_fsck_dash_t_finds_the_checker(crashed) -> None:
     assert r.returncode == 1, r.stdout + r.stderr
     assert f"retired {len(logged)} intents" in r.stdout
     assert equal(unit, agent)
+
+
+def test_crash_after_the_journal_is_rebuilt_keeps_the_unreachable_slave_unsynchronized(
+        crashed, tmp_path) -> None:
+    """fsck -y with the slave unreachable marks it UNSYNCHRONIZED (a full sync) and saves that
+    before the journal that named its extents is rebuilt: a crash right after the rebuild
+    (before fsck's final save) must not leave it recorded as in sync with a clean journal
+    (before the fix: the next fsck said "nothing to do" and the slave silently differed)."""
+    unit, agent, logged = crashed
+    agent.kill()
+    jp = unit / "journal"
+    with open(jp, "r+b") as f:
+        off = _slot(unit, journal.scan(str(jp)).last_seq // 2) + 300
+        f.seek(off)
+        b = f.read(1)
+        f.seek(off)
+        f.write(bytes([b[0] ^ 0x10]))
+    r = run_fsck("-y", str(unit), env={"FUSEMIRROR_CRASH_AT": "fsck-journal-rebuilt"})
+    assert r.returncode == -9, r.stdout + r.stderr
+    slave = MirrorDB.load(str(unit)).slaves[0]
+    assert slave["state"] == "UNSYNCHRONIZED", slave
+    assert not status(unit)["needs_recovery"]
