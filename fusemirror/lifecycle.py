@@ -21,7 +21,7 @@ from typing import Any
 
 import trio
 
-from . import fracture, journal as journal_mod, states
+from . import faults, fracture, journal as journal_mod, states
 from .errors import FusemirrorError, StateError, UsageError
 from .link import Channel, LinkDown
 from .mirrordb import MirrorDB, atomic_write
@@ -182,19 +182,27 @@ def demote(paths: UnitPaths, *, force: bool, discard: bool) -> MirrorDB:
         damaged = str(e)
     for img in db.slaves:
         divergent |= set(_fracture_extents(paths, db, img))
+    earlier = rejoin_info(paths.dir)     # a demote that crashed before its database was saved
+    if earlier and earlier.get("image") == me["id"]:
+        divergent |= set(earlier.get("extents") or [])
     me["role"] = "slave"
     me["state"] = states.UNSYNCHRONIZED if (discard or damaged) else states.CONSISTENT
     db.mirror["state"] = states.INACTIVE
+    # Order matters for a crash in between: the list of what to copy back, then the database
+    # that makes this unit a slave, and only then is the journal (and the fracture logs) that
+    # the list came from cleared. Before, a crash after clearing them left a clean master
+    # that mounted without recovery, its slaves never told what they lacked.
     atomic_write(os.path.join(paths.dir, REJOIN), json.dumps({
         "image": me["id"], "generation": db.data["generation"], "discard": discard,
         "damaged_journal": damaged, "extents": sorted(divergent)}).encode())
+    db.save(paths.dir)
+    faults.crash_point("demote-saved")
     _reset_journal(paths, db)
     for img in db.slaves:
         try:
             os.unlink(os.path.join(paths.fracture, img["id"]))
         except FileNotFoundError:
             pass
-    db.save(paths.dir)
     log.info("%s demoted: a slave now (%s; %d extents to copy back when it rejoins)",
              paths.dir, me["state"], len(divergent))
     return db

@@ -66,3 +66,36 @@ def test_fsck_and_admin_commands_after_a_failover(tmp_path, agent_factory, secre
     assert "Traceback" not in r.stderr
     m2 = mounter(s1)
     assert m2.status()["state"] == "ACTIVE"
+
+
+def test_a_crash_inside_demote_keeps_what_the_slaves_lack(tmp_path, agent_factory, secret_file,
+                                                          mounter) -> None:
+    """demote writes the list of extents to copy back and saves the unit as a slave before it
+    clears the journal that list came from: killed right after the save, the unit is a slave
+    (mount refused) whose rejoin.json names every logged extent. Before, the journal was
+    cleared first and a crash left a clean master that mounted without recovery."""
+    agent = agent_factory()
+    a = tmp_path / "a"
+    run_fm("create", str(a), "--size", "32M", "--secret-file", str(secret_file))
+    run_fm("add-slave", str(a), agent.address("s1"), "--synchronized")
+    run_fm("activate", str(a))
+    m = mounter(a)
+    with open(m.image, "r+b") as f:
+        for e in (3, 9, 20):
+            f.seek(e * MiB)
+            f.write(os.urandom(4096))
+        f.flush()
+        os.fsync(f.fileno())
+    kill9(a, m.mnt)
+    logged = status(a)["journal"]["extents"]
+    assert {3, 9, 20} <= set(logged)
+    r = run_fm("demote", str(a), "--force", check=False,
+               env={"FUSEMIRROR_CRASH_AT": "demote-saved"})
+    assert r.returncode == -9, r.stderr
+    db = json.loads((a / "mirror.json").read_text())
+    me = next(i for i in db["images"] if i["id"] == db["self"])
+    assert me["role"] == "slave"
+    assert set(json.loads((a / "rejoin.json").read_text())["extents"]) >= set(logged)
+    (tmp_path / "mnt-again").mkdir()
+    r = run_fm("mount", str(a), str(tmp_path / "mnt-again"), check=False)
+    assert r.returncode == 3, (r.returncode, r.stderr)
