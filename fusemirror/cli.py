@@ -361,6 +361,9 @@ def set_cmd(dir: str, settings: tuple[str, ...], image: str | None, as_json: boo
         if not sep or not k:
             raise UsageError(f"bad setting {item!r}: use KEY=VALUE")
         pairs.append((k.strip(), v.strip()))
+    # attributes are the mirror's: changed on a slave's copy, they would fork its generation
+    # from the master's (the master then refuses it as split brain)
+    _require_master(MirrorDB.load(paths.dir), paths, "set")
     from .unit import check_activity_log
 
     check_activity_log(paths, pairs)

@@ -275,7 +275,7 @@ def check_rejoin(master_db: MirrorDB, summary: dict[str, Any]) -> str:
         return "full"
     rel = master_db.relation(summary["generation"])
     if rel == "diverged":
-        raise FusemirrorError(
+        raise StateError(
             f"split brain: unit {summary['name']} changed apart from this mirror (its "
             f"generation {summary['generation']['counter']}:{summary['generation']['id']}, "
             f"ours {master_db.generation[0]}:{master_db.generation[1]}); nothing is merged. "

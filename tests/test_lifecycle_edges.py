@@ -99,3 +99,21 @@ def test_a_crash_inside_demote_keeps_what_the_slaves_lack(tmp_path, agent_factor
     (tmp_path / "mnt-again").mkdir()
     r = run_fm("mount", str(a), str(tmp_path / "mnt-again"), check=False)
     assert r.returncode == 3, (r.returncode, r.stderr)
+
+
+def test_set_on_a_slave_unit_is_refused(tmp_path, agent_factory, secret_file, mounter) -> None:
+    """Attributes are the mirror's: `set` on a slave's unit (held by its agent or not) is
+    refused with exit 3 and changes nothing. Before, it bumped the slave's generation apart
+    from the master's, and the master's next mount refused the slave as split brain."""
+    agent = agent_factory()
+    a = tmp_path / "a"
+    run_fm("create", str(a), "--size", "32M", "--secret-file", str(secret_file))
+    run_fm("add-slave", str(a), agent.address("s1"), "--synchronized")
+    s1 = agent.root / "s1"
+    before = (s1 / "mirror.json").read_bytes()
+    r = run_fm("set", str(s1), "heartbeat=2", check=False)
+    assert r.returncode == 3 and "slave image" in r.stderr, (r.returncode, r.stderr)
+    assert (s1 / "mirror.json").read_bytes() == before
+    run_fm("activate", str(a))
+    m = mounter(a)                     # the master still takes its slave (no split brain)
+    run_fm("umount", str(m.mnt))
