@@ -124,6 +124,12 @@ def check_promote(db: MirrorDB, paths: UnitPaths, *, force: bool) -> None:
     if me["state"] not in (states.SYNCHRONIZED, states.CONSISTENT) and not force:
         raise StateError(f"image {me['name']} is {me['state']}; only a SYNCHRONIZED or "
                          "CONSISTENT slave can be promoted (--force takes its data as it is)")
+    if rejoin_info(paths.dir) is not None and not force:
+        # a demoted former master: whatever the mirror wrote since its demotion is not here
+        raise StateError(f"{paths.dir} was demoted and has not rejoined; it lacks what the "
+                         "mirror wrote since. Add it as a slave of the current master "
+                         "(`fusemirror add-slave MASTERDIR HOST:PORT/NAME`), or promote "
+                         "--force to take its data as it is")
     if me.get("unreachable_since_catchup") and not force:
         raise StateError(f"image {me['name']} was UNREACHABLE since its last catch-up and may "
                          "lack writes; promote with --force to accept that")
@@ -148,6 +154,10 @@ def promote(paths: UnitPaths, *, force: bool) -> MirrorDB:
     db.bump_generation()
     _reset_journal(paths, db)
     db.save(paths.dir)
+    try:
+        os.unlink(os.path.join(paths.dir, REJOIN))   # promote --force of a demoted master
+    except FileNotFoundError:
+        pass
     log.info("%s promoted to master of %s (generation %d)", paths.dir, db.name,
              db.generation[0])
     return db

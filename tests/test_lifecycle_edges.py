@@ -117,3 +117,21 @@ def test_set_on_a_slave_unit_is_refused(tmp_path, agent_factory, secret_file, mo
     run_fm("activate", str(a))
     m = mounter(a)                     # the master still takes its slave (no split brain)
     run_fm("umount", str(m.mnt))
+
+
+def test_a_demoted_former_master_is_not_promoted_without_force(tmp_path, agent_factory,
+                                                               secret_file) -> None:
+    """After a switch-over (the master demoted on its host, the slave promoted and written
+    to), the demoted unit still reads CONSISTENT with no master in its copy of the database;
+    promoting it would serve data without the new master's writes. It is refused (exit 3)
+    until it has rejoined; --force takes it as it is."""
+    agent = agent_factory()
+    a = tmp_path / "a"
+    run_fm("create", str(a), "--size", "32M", "--secret-file", str(secret_file))
+    run_fm("add-slave", str(a), agent.address("s1"), "--synchronized")
+    run_fm("demote", str(a))
+    r = run_fm("promote", str(a), check=False)
+    assert r.returncode == 3 and "has not rejoined" in r.stderr, (r.returncode, r.stderr)
+    r = run_fm("promote", str(a), "--force", "--json")
+    assert json.loads(r.stdout)
+    assert not (a / "rejoin.json").exists()
