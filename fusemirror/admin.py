@@ -133,7 +133,8 @@ async def add_slave(engine: Engine, paths: UnitPaths, addr: str, *, synchronized
                 unit = res.get("unit")
                 if unit is not None:
                     mode = lifecycle.check_rejoin(db, unit)
-                    owed = await _rejoin(engine, paths, addr, unit, mode, secret, synchronized)
+                    owed, mode = await _rejoin(engine, paths, addr, unit, mode, secret,
+                                               synchronized)
                     await chan.request("rejoin_done")
                     state = f"rejoined: {'full sync' if mode == 'full' else 'extents'}"
                     res["owed_extents"] = owed
@@ -160,10 +161,15 @@ async def add_slave(engine: Engine, paths: UnitPaths, addr: str, *, synchronized
 
 
 async def _rejoin(engine: Engine, paths: UnitPaths, addr: str, unit: dict[str, Any],
-                  mode: str, secret: bytes, synchronized: bool) -> int | None:
+                  mode: str, secret: bytes, synchronized: bool) -> tuple[int | None, str]:
+    """Take back a unit of this mirror; returns (extents owed, "extents" or "full")."""
     db = engine.db
     rec = next((img for img in db.images if img["id"] == unit["image"]), None)
     if rec is None:  # a unit of this mirror the database forgot (removed earlier)
+        # nothing recorded what was written here since it left: a full sync, unless the
+        # administrator says it is identical (--synchronized, as for a new slave)
+        if not synchronized:
+            mode = "full"
         rec = {"id": unit["image"], "name": addr, "role": "slave", "address": addr,
                "state": states.SYNCHRONIZED if synchronized else states.UNSYNCHRONIZED,
                "cookie": list(db.generation), "timeout": 5.0, "sync_rate": 0,
@@ -194,7 +200,7 @@ async def _rejoin(engine: Engine, paths: UnitPaths, addr: str, unit: dict[str, A
     log.info("unit %s rejoins mirror %s as a slave (%s; %d extents it may differ in, plus %d "
              "written here since it left)", addr, db.name, mode, len(extents),
              len(link.fracture))
-    return owed
+    return owed, mode
 
 
 async def remove_slave(engine: Engine, paths: UnitPaths, name: str, *,

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from conftest import FM, kill9, run_fm, run_fsck, status
+from conftest import FM, kill9, run_fm, run_fsck, status, wait_for
 
 MiB = 1 << 20
 
@@ -135,3 +135,32 @@ def test_a_demoted_former_master_is_not_promoted_without_force(tmp_path, agent_f
     r = run_fm("promote", str(a), "--force", "--json")
     assert json.loads(r.stdout)
     assert not (a / "rejoin.json").exists()
+
+
+def test_a_removed_slave_added_again_gets_a_full_sync(tmp_path, agent_factory, secret_file,
+                                                      mounter) -> None:
+    """remove-slave forgets the slave (its unit stays on the agent); writes follow; add-slave
+    of the same unit takes it back with a full sync, since nothing recorded what it missed.
+    Before, it rejoined "by extents" with nothing owed, read CONSISTENT and lacked the writes."""
+    from test_failover import streaming_to
+    from test_replication import images_equal
+
+    agent = agent_factory()
+    a = tmp_path / "a"
+    run_fm("create", str(a), "--size", "32M", "--secret-file", str(secret_file))
+    run_fm("add-slave", str(a), agent.address("s1"), "--synchronized")
+    run_fm("activate", str(a))
+    m = mounter(a)
+    run_fm("deactivate", str(a))
+    run_fm("remove-slave", str(a), agent.address("s1"))
+    run_fm("activate", str(a))
+    with open(m.image, "r+b") as f:
+        f.seek(5 * MiB)
+        f.write(os.urandom(MiB))
+        f.flush()
+        os.fsync(f.fileno())
+    r = run_fm("add-slave", str(a), agent.address("s1"), "--json")
+    assert json.loads(r.stdout)["state"] == "rejoined: full sync", r.stdout
+    wait_for(lambda: streaming_to(m, agent.address("s1")), what="the full sync", timeout=60)
+    run_fm("umount", str(m.mnt))
+    assert images_equal(a / "image", agent.root / "s1" / "image")
