@@ -505,9 +505,21 @@ class Engine:
             if any(self.extents[e].last_done > self._flushed for e in batch):
                 await self._flush_master()
             if self.links:
-                async with trio.open_nursery() as n:
-                    for link in self.links:
-                        n.start_soon(functools.partial(link.secure, batch, urgent=urgent))
+                try:
+                    async with trio.open_nursery() as n:
+                        for link in self.links:
+                            n.start_soon(functools.partial(link.secure, batch, urgent=urgent))
+                except BaseExceptionGroup as group:
+                    # a fracture log that could not be written: an OSError for the callers
+                    # (a clean-up logs it and retries later, a host write gets EIO), not an
+                    # exception group that no `except OSError` catches and that ends the daemon
+                    oserrors, rest = group.split(OSError)
+                    if oserrors is None or rest is not None:
+                        raise
+                    first: BaseException = oserrors
+                    while isinstance(first, BaseExceptionGroup):
+                        first = first.exceptions[0]
+                    raise first from None
             faults.crash_point("cleanup-before-retire")
             assert self.writer is not None
             try:

@@ -10,10 +10,13 @@ with ``ERRNO`` (a name such as ``EIO`` or ``ENOSPC``) after ``SKIP`` successful 
 times (default: forever). ``FUSEMIRROR_CRASH_AT=POINT[@SKIP]`` sends SIGKILL to this process the
 ``SKIP+1``-th time ``POINT`` is reached.
 
-Points: ``image.write``, ``image.flush``, ``image.read``, ``journal.write``. Crash points:
+Points: ``image.write``, ``image.flush``, ``image.read``, ``journal.write``,
+``fracture.write`` (a page of a slave's fracture log). Crash points:
 ``after-journal`` (intents durable, no image written), ``after-master`` (master written),
 ``after-slave`` (slaves acknowledged), ``cleanup-before-retire`` (a clean-up batch flushed, its
-retire record not written), ``fsck-mid`` (half of fsck's copy done). With
+retire record not written), ``fsck-mid`` (half of fsck's copy done),
+``fsck-journal-rebuilt`` (fsck -y rebuilt a damaged journal, its final save not done),
+``demote-saved`` (demote saved the unit as a slave, its journal not cleared yet). With
 ``FUSEMIRROR_WRITE_ORDER=master-first|slave-first`` the master write and the slave sends happen
 in that order instead of together, so every completion order of claim 1 can be crashed in.
 """

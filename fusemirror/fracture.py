@@ -105,6 +105,11 @@ class FractureLog:
             return self._update_locked(extents, value)
 
     def _update_locked(self, extents: Iterable[int], value: bool) -> int:
+        """Change a copy of the bitmap, write its pages, ``fdatasync``; only then is the copy
+        the log's. A failed write or sync leaves the log as it was, so the same update asked
+        again writes its pages again (it would otherwise find its bits set, return 0 and let
+        an intent retire on bits that never reached the disk)."""
+        bits = None
         pages: set[int] = set()
         changed = 0
         for e in extents:
@@ -112,20 +117,25 @@ class FractureLog:
                 raise ValueError(f"extent {e} out of range")
             i, m = e >> 3, 1 << (e & 7)
             if bool(self._bits[i] & m) != value:
-                self._bits[i] ^= m
-                changed += 1
-                pages.add(i // PAGE)
-        if not changed:
+                if bits is None:
+                    bits = bytearray(self._bits)
+                if bool(bits[i] & m) != value:
+                    bits[i] ^= m
+                    changed += 1
+                    pages.add(i // PAGE)
+        if bits is None or not changed:
             return 0
-        self.count += changed if value else -changed
         for p in sorted(pages):
-            chunk = bytes(self._bits[p * PAGE:(p + 1) * PAGE])
+            chunk = bytes(bits[p * PAGE:(p + 1) * PAGE])
+            faults.check("fracture.write")
             faults.before_write(self.path, self.fd, PAGE + p * PAGE, len(chunk))
             n = os.pwrite(self.fd, chunk, PAGE + p * PAGE)
             if n != len(chunk):
                 raise OSError(5, "short write to the fracture log")
         os.fdatasync(self.fd)
         faults.synced(self.path)
+        self._bits = bits
+        self.count += changed if value else -changed
         return changed
 
 

@@ -147,3 +147,42 @@ def test_fault_injection_is_inert_without_the_switch(mounter) -> None:
         m.control("fault", spec="image.write=EIO")
     assert "unknown control command" in str(e.value)
     _write(m.image, 0, b"x" * 4096, sync=True)
+
+
+def test_a_failed_fracture_log_write_keeps_the_intents_and_is_written_again(
+        tmp_path, agent_factory, secret_file, mounter) -> None:
+    """The slave is down, so a clean-up must put what it missed in its fracture log before
+    retiring the intents. The log's write fails once: the clean-up fails, the daemon lives (the
+    error used to escape as an exception group and end it), the extents stay logged; the next
+    clean-up writes the log again (it used to find its bits set in memory, write nothing and
+    retire the intents on bits that never reached the disk). The slave, back, is caught up."""
+    from conftest import wait_for
+    from fusemirror import fracture
+    from test_failover import streaming_to
+    from test_replication import images_equal
+
+    agent = agent_factory()
+    run_fm("create", str(tmp_path / "m"), "--size", "16M", "--secret-file", str(secret_file))
+    unit = tmp_path / "m"
+    run_fm("add-slave", str(unit), agent.address("s1"), "--synchronized")
+    run_fm("activate", str(unit))
+    m: Mounted = mounter(unit, env=FAULTS)
+    m.expect_errors("clean-up failed", "UNREACHABLE")
+    wait_for(lambda: streaming_to(m, agent.address("s1")), what="the slave")
+    agent.kill()
+    wait_for(lambda: not m.status()["images"][1]["reachable"], what="the slave to be down")
+    for e in (2, 7, 11):
+        _write(m.image, e << 20, os.urandom(4096), sync=True)
+    m.control("fault", spec="fracture.write=EIOx1")
+    assert m.control("cleanup", idle=0)["retired"] == 0
+    s = m.status()
+    assert {2, 7, 11} <= set(s["journal"]["extents"])
+    flog = next((unit / "fracture").iterdir())
+    assert fracture.count(str(flog)) == 0
+    assert m.control("cleanup", idle=0)["retired"] >= 3
+    assert fracture.count(str(flog)) >= 3
+    assert not {2, 7, 11} & set(m.status()["journal"]["extents"])
+    agent.start()
+    wait_for(lambda: streaming_to(m, agent.address("s1")), what="the catch-up", timeout=60)
+    run_fm("umount", str(m.mnt))
+    assert images_equal(unit / "image", agent.root / "s1" / "image")
