@@ -353,7 +353,16 @@ class Engine:
                     self.extents[e].error = err
                     self.extents[e].logged.set()
                 for e in ahead:
-                    self.extents.pop(e, None)
+                    # as in _commit_ahead: a write that already reached a read-ahead extent
+                    # waits for its record, so it gets the error (popped, it waited for ever)
+                    st = self.extents.get(e)
+                    if st is None:
+                        continue
+                    if st.inflight == 0:
+                        del self.extents[e]
+                    else:
+                        st.error = err
+                    st.logged.set()
                 await self._journal_failed(err)
             else:
                 for e in new + ahead:

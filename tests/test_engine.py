@@ -305,6 +305,54 @@ def test_failed_background_intent_record_fails_only_the_writes_that_need_it(
     assert all(ev[1] < 10 * EXT for ev in img.events if ev[0] == "write")
 
 
+def test_failed_intent_record_with_read_ahead_fails_a_write_waiting_on_it(
+        tmp_path: Path, monkeypatch) -> None:
+    """A sequential write's record (its extent and the read-ahead ones) fails after a slow
+    O_DSYNC write, while a second write has already reached one of the read-ahead extents and
+    waits for that record: the second write gets the error too. Before, the read-ahead states
+    were dropped without their event set and it waited for ever (the engine never drained)."""
+    from fusemirror import faults
+
+    monkeypatch.setattr(faults, "ENABLED", True)
+    e, img, jpath = make(tmp_path, size=64 * EXT)
+    assert e.writer is not None
+    real = e.writer.journal.append
+    result: dict[str, object] = {}
+
+    def slow_failing_append(adds=(), rets=()):
+        gate.wait(10)                            # the record is slow to reach the disk ...
+        faults.arm("journal.write=EIOx1")        # ... and fails
+        return real(adds, rets)
+
+    gate = threading.Event()
+
+    async def write(name: str, off: int) -> None:
+        try:
+            await e.write(off, b"b" * 4096)
+            result[name] = "ok"
+        except OSError as err:
+            result[name] = err.errno
+
+    async def body() -> None:
+        await e.write(EXT - 4096, b"a" * 4096)  # extent 0: a stream now ends at extent 1
+        monkeypatch.setattr(e.writer.journal, "append", slow_failing_append)
+        try:
+            async with trio.open_nursery() as n:
+                n.start_soon(write, "w1", EXT)  # logs 1 and, ahead, 2..
+                await until(lambda: 3 in e.extents)
+                n.start_soon(write, "w2", 3 * EXT)
+                await until(lambda: e.extents[3].inflight == 1)
+                gate.set()
+                with trio.fail_after(10):
+                    await until(lambda: len(result) == 2)
+        finally:
+            faults.disarm()
+
+    run(e, body)
+    assert result == {"w1": 5, "w2": 5}
+    assert e._inflight == 0
+
+
 def test_write_behind_starts_write_back_every_so_many_bytes(tmp_path: Path) -> None:
     """Every ``write_behind`` bytes written, the master's write-back is started in the
     background (so a later fsync finds little dirty data); it is not a flush, and a failure
