@@ -38,7 +38,9 @@ from .sizes import parse_size
 
 FORMAT = "fusemirror-mirrordb"
 VERSION = 1
-HISTORY_KEEP = 64
+# Generations remembered. A member whose generation is older than all of them cannot be
+# shown to descend from ours, and is treated as changed apart (see MirrorDB.relation).
+HISTORY_KEEP = 1024
 
 
 def _int(lo: int | None = None) -> Callable[[str | int], int]:
@@ -338,8 +340,9 @@ class MirrorDB:
     def relation(self, other: dict[str, Any]) -> str:
         """How this copy's generation relates to ``other`` (another member's "generation").
 
-        "same"; "behind" (ours is in their history: we missed changes); "ahead"; or
-        "diverged" (neither contains the other: both changed apart, e.g. a split brain).
+        "same"; "behind" (ours is in their history: we missed changes); "ahead" (theirs is
+        in ours); or "diverged" (neither contains the other: both changed apart, e.g. a split
+        brain, or theirs is older than the HISTORY_KEEP generations we remember).
         """
         mine = self.data["generation"]
         a = (mine["counter"], mine["id"])
@@ -352,9 +355,11 @@ class MirrorDB:
             return "behind"
         if b in ours:
             return "ahead"
-        if mine["history"] and other.get("history") and \
-                min(x[0] for x in mine["history"]) > b[0]:
-            return "ahead"      # theirs is older than our whole remembered history
+        # Theirs is in neither history. Also when it is older than everything we remember:
+        # that proves nothing about where it came from (a slave promoted apart long ago looks
+        # the same), so it is not taken as "ahead" — a member that cannot be shown to be
+        # ours is refused like a split brain, and `demote --discard` takes it back with a
+        # full sync.
         return "diverged"
 
     def find_image(self, name: str) -> dict[str, Any]:

@@ -197,3 +197,32 @@ def test_a_member_that_missed_changes_is_brought_up_to_date(tmp_path, agent_fact
              what="the member's database brought up to date")
     mine = json.loads((unit / "mirror.json").read_text())["generation"]
     assert json.loads(slave_db.read_text())["generation"]["counter"] == mine["counter"]
+
+
+def test_generation_relation_beyond_the_remembered_history(tmp_path) -> None:
+    """A copy that forked (promoted apart) is "diverged" however many generations the other
+    side has made since; before, once the fork was older than the remembered history it read
+    "ahead" and the diverged slave was taken back by extents, its own writes kept silently.
+    A copy that is an ancestor within the history is "ahead"/"behind" as before."""
+    from fusemirror import mirrordb
+    from fusemirror.mirrordb import MirrorDB
+    from fusemirror.unit import create_unit
+
+    create_unit(str(tmp_path / "u"), size=MiB, block_size=4096, extent_size=MiB,
+                write_policy="sync", name="t")
+    master = MirrorDB.load(str(tmp_path / "u"))
+    for _ in range(5):
+        master.bump_generation()
+    fork = master.copy()
+    fork.bump_generation()                       # the slave, promoted apart
+    old = master.copy()                          # a slave that only missed changes
+    for n in range(mirrordb.HISTORY_KEEP + 10):
+        master.bump_generation()
+        if n == 20:
+            near = master.copy()
+            assert master.relation(fork.data["generation"]) == "diverged"
+    assert master.relation(fork.data["generation"]) == "diverged"
+    assert master.relation(near.data["generation"]) == "ahead"
+    assert near.relation(master.data["generation"]) == "behind"
+    # an ancestor older than everything remembered cannot be told from a fork: refused too
+    assert master.relation(old.data["generation"]) == "diverged"
