@@ -144,6 +144,14 @@ def promote(paths: UnitPaths, *, force: bool) -> MirrorDB:
     if master is not None:
         log.warning("promote --force: demoting master %s, which cannot be asked", master["name"])
         _demote_record(master)
+    for img in db.slaves:
+        if img["id"] != me["id"] and not img.get("rejoin"):
+            # What another slave holds next to this one is unknown: writes in flight when
+            # the old master stopped, or missed while it was unreachable, differ between the
+            # two, and this unit's fracture logs know nothing of them. A full sync from here.
+            img["state"] = states.UNSYNCHRONIZED
+            img["sync_progress"] = None
+            img.pop("unreachable_since_catchup", None)
     me["role"] = "master"
     me["state"] = states.SYNCHRONIZED
     me["recovery_policy"] = "manual"

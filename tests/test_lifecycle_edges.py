@@ -164,3 +164,39 @@ def test_a_removed_slave_added_again_gets_a_full_sync(tmp_path, agent_factory, s
     wait_for(lambda: streaming_to(m, agent.address("s1")), what="the full sync", timeout=60)
     run_fm("umount", str(m.mnt))
     assert images_equal(a / "image", agent.root / "s1" / "image")
+
+
+def test_after_a_failover_the_other_slave_is_fully_synced_from_the_new_master(
+        tmp_path, agent_factory, secret_file, mounter) -> None:
+    """Master with slaves s1 and s2; s2 holds a block s1 lacks (a write in flight when the
+    master died reached only s2). s1 is promoted: s2 becomes UNSYNCHRONIZED in the new
+    master's database and is fully synced from it, ending equal. Before, s2 stayed
+    CONSISTENT, streamed on, and kept its different block (promotable, reported healthy)."""
+    from test_failover import slave_of, streaming_to
+    from test_replication import images_equal
+
+    agent = agent_factory()
+    m = tmp_path / "m"
+    run_fm("create", str(m), "--size", "16M", "--secret-file", str(secret_file))
+    for name in ("s1", "s2"):
+        run_fm("add-slave", str(m), agent.address(name), "--synchronized")
+    run_fm("activate", str(m))
+    old = mounter(m)
+    for name in ("s1", "s2"):   # both hold the database that lists both
+        wait_for(lambda: streaming_to(old, agent.address(name)), what=f"{name} streaming")
+    with open(agent.root / "s2" / "image", "r+b") as f:
+        f.seek(6 * MiB)
+        f.write(os.urandom(4096))
+    kill9(m, old.mnt)
+    s1 = agent.root / "s1"
+    run_fm("demote", str(s1))
+    run_fm("promote", str(s1))
+    db = json.loads((s1 / "mirror.json").read_text())
+    other = next(i for i in db["images"] if i.get("address") == agent.address("s2"))
+    assert other["state"] == "UNSYNCHRONIZED"
+    run_fm("activate", str(s1))
+    mm = mounter(s1)
+    wait_for(lambda: streaming_to(mm, agent.address("s2")), what="s2's full sync", timeout=60)
+    assert slave_of(mm, agent.address("s2"))["state"] in ("SYNCHRONIZED", "CONSISTENT")
+    run_fm("umount", str(mm.mnt))
+    assert images_equal(s1 / "image", agent.root / "s2" / "image")
