@@ -406,6 +406,19 @@ class Session:
         if not is_unit(self.path):
             raise FusemirrorError(f"no unit {self.name} under {self.agent.root}; "
                                   "add it with `fusemirror add-slave`")
+        opener = args.get("generation")
+        if opener is not None:
+            # Before anyone is fenced: a master that this unit's database no longer names as
+            # the master (another unit promoted and pushed here meanwhile), or whose
+            # generation it has gone past or apart from, is stale; it must not cut off the
+            # session of the master that replaced it. (An UNSYNCHRONIZED unit with no other
+            # master named, e.g. one that discarded its data, may be taken by a full sync.)
+            current = MirrorDB.load(self.path)
+            named = current.master
+            if named is not None and args.get("master") not in (None, named["id"]) or \
+                    current.relation(opener) in ("ahead", "diverged") and \
+                    current.self_image["state"] != states.UNSYNCHRONIZED:
+                self._refuse_stale(current)
         existing = self.agent.units.get(self.name)
         if existing is not None and existing.session is not None \
                 and existing.session is not self:
@@ -454,8 +467,10 @@ class Session:
             raise FusemirrorError(f"unit {self.name} is a master now; it takes no database "
                                   "from another member")
         rel = db.relation(current.data["generation"])
-        if rel not in ("same", "ahead") and \
-                current.self_image["state"] != states.UNSYNCHRONIZED:
+        named, theirs = current.master, db.master
+        discarded = current.self_image["state"] == states.UNSYNCHRONIZED and (
+            named is None or theirs is not None and theirs["id"] == named["id"])
+        if rel not in ("same", "ahead") and not discarded:
             raise FusemirrorError(f"database generation {db.generation[0]} is {rel} of this "
                                   f"unit's {current.generation[0]}: refused")
         db.data["self"] = current.data["self"]
@@ -482,11 +497,23 @@ class Session:
             raise FusemirrorError("nothing prepared") from None
         if list(db.generation) != list(args["generation"]):
             raise FusemirrorError("the prepared generation differs from the committed one")
+        before = MirrorDB.load(self.path).master
         db.save(self.path)
         os.unlink(pp)
         u = self.agent.units.get(self.name)
         if u is not None:
             u.db = db
+            after = db.master
+            s = u.session
+            if s is not None and s is not self and \
+                    (before or {}).get("id") != (after or {}).get("id"):
+                # the mirror has another master now (a promotion elsewhere, or this one
+                # declared lost): the session of the one it replaced writes no more here;
+                # reconnecting, it is refused as stale (see _open)
+                log.info("unit %s: the mirror's master changed; fencing the session from %s",
+                         self.name, s.peer)
+                s.fenced = True
+                s.scope.cancel()
         log.info("unit %s: mirror database generation %d committed", self.name,
                  db.generation[0])
         return {"generation": list(db.generation)}
@@ -528,7 +555,8 @@ class Session:
         return {"generation": list(db.generation), "members": res}
 
     def _refuse_stale(self, db: MirrorDB) -> None:
-        """A master asks for a unit that was promoted: refuse. Logged as an error once a
+        """A master asks for a unit that was promoted, or whose mirror has another master or
+        a newer generation: refuse. Logged as an error once a
         minute per unit (the stale master retries every heartbeat), at debug level between."""
         g = db.data["generation"]
         now = time.monotonic()
@@ -536,8 +564,10 @@ class Session:
         level = logging.ERROR if last is None or now - last >= 60 else logging.DEBUG
         if level == logging.ERROR:
             self.agent.stale_logged[self.name] = now
-        log.log(level, "unit %s refused to a master (%s): it was promoted (generation %d:%s); "
-                "the master connecting is stale or split from it", self.name, self.peer,
+        why = "it was promoted" if db.self_image["role"] == "master" else \
+            "its mirror has moved on without that master"
+        log.log(level, "unit %s refused to a master (%s): %s (generation %d:%s); the master "
+                "connecting is stale or split from it", self.name, self.peer, why,
                 g["counter"], g["id"])
         raise PromotedError(g)
 

@@ -649,7 +649,9 @@ class SlaveLink:
             try:
                 with trio.fail_after(self.timeout):
                     info = await chan.request("open", mirror_id=self.engine.db.mirror["id"],
-                                              size=self.engine.size)
+                                              size=self.engine.size,
+                                              generation=self.engine.db.data["generation"],
+                                              master=self.engine.db.data["self"])
                     self._check_generation(info["db"])
                     # only a copy already in the master's own file (see Engine.save_db)
                     saved = await self.engine.save_db(push=False)
@@ -700,7 +702,9 @@ class SlaveLink:
         rel = self.engine.db.relation(other.data["generation"])
         if rel in ("same", "ahead"):
             return
-        if other.self_image["state"] == states.UNSYNCHRONIZED:
+        named = other.master
+        if other.self_image["state"] == states.UNSYNCHRONIZED and \
+                (named is None or named["id"] == self.engine.db.data["self"]):
             # its data was discarded (demote --discard): take it back with a full sync
             log.warning("slave %s: its database changed apart (%s) but it discarded its data: "
                         "full sync", self.name, rel)

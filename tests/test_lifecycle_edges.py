@@ -200,3 +200,42 @@ def test_after_a_failover_the_other_slave_is_fully_synced_from_the_new_master(
     assert slave_of(mm, agent.address("s2"))["state"] in ("SYNCHRONIZED", "CONSISTENT")
     run_fm("umount", str(mm.mnt))
     assert images_equal(s1 / "image", agent.root / "s2" / "image")
+
+
+def test_a_master_replaced_elsewhere_writes_no_more_to_the_other_slave(
+        tmp_path, agent_factory, secret_file, mounter) -> None:
+    """Master m with slave s1 (host A) and s2 (host B). m loses host A; there s1 is promoted
+    and the promotion is committed on s2. m's session to s2 is fenced at that commit, and
+    reconnecting m is refused as stale (before the agent cuts anyone off): m goes to
+    ATTENTION and its writes no longer reach s2. Before, m went on writing to s2 (fsync'ed
+    writes landed on a slave of the new master) and each reconnect fenced the new master's
+    session first."""
+    from test_failover import streaming_to
+
+    host_a, host_b = agent_factory("host-a"), agent_factory("host-b")
+    host_b.expected_errors.append("refused to a master")
+    m = tmp_path / "m"
+    run_fm("create", str(m), "--size", "16M", "--secret-file", str(secret_file))
+    run_fm("add-slave", str(m), host_a.address("s1"), "--synchronized")
+    run_fm("add-slave", str(m), host_b.address("s2"), "--synchronized")
+    run_fm("activate", str(m))
+    mm = mounter(m)
+    mm.expect_errors("stale master", "is now ATTENTION", "UNREACHABLE")
+    for h, name in ((host_a, "s1"), (host_b, "s2")):
+        wait_for(lambda: streaming_to(mm, h.address(name)), what=f"{name} streaming")
+    host_a.kill()                                  # m cannot reach host A any more
+    r = run_fm("promote", str(host_a.root / "s1"), "--force", "--json")
+    assert json.loads(r.stdout)["members"].get(host_b.address("s2")) == "ok", r.stdout
+    wait_for(lambda: mm.status()["state"] == "ATTENTION", what="m to stop", timeout=30)
+    data = os.urandom(4096)
+    try:
+        with open(mm.image, "r+b") as f:
+            f.seek(9 * MiB)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        pass
+    with open(host_b.root / "s2" / "image", "rb") as f:
+        f.seek(9 * MiB)
+        assert f.read(4096) != data
