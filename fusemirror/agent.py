@@ -543,7 +543,9 @@ class Session:
             # itself and end as "fenced", promoting nothing (the CLI always asks on a fresh one)
             raise StateError(f"unit {self.name} is open on this connection; ask for the "
                              "promote on a connection that has not opened it")
-        lifecycle.check_promote(MirrorDB.load(paths.dir), paths, force=force)  # before letting go
+        current = MirrorDB.load(paths.dir)
+        lifecycle.check_promote(current, paths, force=force)  # before letting go
+        await lifecycle.check_promote_members(current, self.agent.secret, force=force)
         await self.agent.release(self.name, by=self.peer)
         with UnitLock(paths, "promote"):
             db = lifecycle.promote(paths, force=force)

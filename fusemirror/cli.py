@@ -668,6 +668,22 @@ def _release_from_agent(paths: UnitPaths) -> None:
         pass
 
 
+def _check_members(paths: UnitPaths, db: MirrorDB, force: bool, what: str) -> None:
+    """Before a slave's unit takes the mirror's future in hand (promote, demote its lost
+    master): no reachable member may hold a newer or diverged state, or be a master."""
+    import trio
+
+    from . import admin, lifecycle
+
+    if force or not any(i.get("address") for i in db.images if i["id"] != db.data["self"]):
+        return
+    try:
+        secret = admin.unit_secret(paths)
+    except UsageError:
+        return      # no shared secret here: the other members cannot be asked
+    trio.run(lambda: lifecycle.check_promote_members(db, secret, force=force, what=what))
+
+
 def _push(paths: UnitPaths, db: MirrorDB) -> dict[str, str]:
     """Send a committed change to every reachable member (prepare/commit)."""
     import trio
@@ -749,7 +765,9 @@ def promote(target: str, force: bool, secret_file: str | None, mirror: str | Non
         return
     paths = require_unit(target)
     # refused before the agent lets go of the unit: a refusal leaves replication running
-    lifecycle.check_promote(MirrorDB.load(paths.dir), paths, force=force)
+    db = MirrorDB.load(paths.dir)
+    lifecycle.check_promote(db, paths, force=force)
+    _check_members(paths, db, force, "promote")
     _release_from_agent(paths)
     with UnitLock(paths, "promote"):
         db = lifecycle.promote(paths, force=force)
@@ -783,6 +801,9 @@ def demote(dir: str, force: bool, discard: bool, as_json: bool) -> None:
     paths = require_unit(dir)
     if not force:
         _refuse_if_master_alive(paths)
+    db = MirrorDB.load(paths.dir)
+    if db.self_image["role"] == "slave":
+        _check_members(paths, db, force, "demote")
     _release_from_agent(paths)
     with UnitLock(paths, "demote"):
         db = lifecycle.demote(paths, force=force, discard=discard)

@@ -302,6 +302,60 @@ def check_rejoin(master_db: MirrorDB, summary: dict[str, Any]) -> str:
     return "extents"
 
 
+async def describe_members(db: MirrorDB, secret: bytes,
+                           timeout: float = 2.0) -> dict[str, dict[str, Any]]:
+    """{image name: its own copy of the database} for every member with an address that
+    answers (other than this unit) — what the mirror looks like beyond this copy."""
+    out: dict[str, dict[str, Any]] = {}
+
+    async def one(img: dict[str, Any]) -> None:
+        try:
+            chan = await Channel.connect(img["address"], secret, db.name, timeout=timeout)
+        except LinkDown:
+            return
+        try:
+            async with trio.open_nursery() as n:
+                n.start_soon(chan.receiver)
+                try:
+                    with trio.fail_after(timeout):
+                        res = await chan.request("describe")
+                    out[img["name"]] = res["db"]
+                except (LinkDown, OSError, trio.TooSlowError, KeyError, TypeError):
+                    pass
+                n.cancel_scope.cancel()
+        finally:
+            await chan.aclose()
+
+    async with trio.open_nursery() as n:
+        for img in db.images:
+            if img.get("address") and img["id"] != db.data["self"]:
+                n.start_soon(one, img)
+    return out
+
+
+async def check_promote_members(db: MirrorDB, secret: bytes, *, force: bool,
+                                what: str = "promote") -> None:
+    """Refuse to promote a copy (or to demote its lost master from it) that a reachable member
+    has moved past or apart from, or while a member is a master: its own copy alone cannot
+    tell it missed changes (SPEC §6: the highest generation reachable decides). --force
+    overrides."""
+    if force:
+        return
+    for name, data in sorted((await describe_members(db, secret)).items()):
+        other = MirrorDB(data)
+        rel = db.relation(other.data["generation"])
+        if other.self_image["role"] == "master":
+            raise StateError(f"member {name} is the master of mirror {db.name!r} (generation "
+                             f"{other.generation[0]}); demote it first, or {what} --force")
+        if rel in ("behind", "diverged"):
+            raise StateError(
+                f"member {name} holds a newer state of the mirror (generation "
+                f"{other.generation[0]}, this unit's {db.generation[0]}"
+                + (", changed apart" if rel == "diverged" else "") + "): this unit may lack "
+                f"changes it has; {what} from that member's host instead, or {what} --force "
+                "to go on with this unit's copy as it is")
+
+
 def check_members(paths: UnitPaths, db: MirrorDB) -> None:
     """Refuse a master that the mirror has moved past (a slave promoted, or apart).
 

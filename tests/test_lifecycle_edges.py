@@ -239,3 +239,48 @@ def test_a_master_replaced_elsewhere_writes_no_more_to_the_other_slave(
     with open(host_b.root / "s2" / "image", "rb") as f:
         f.seek(9 * MiB)
         assert f.read(4096) != data
+
+
+def test_a_slave_that_missed_changes_cannot_take_over_while_a_newer_member_answers(
+        tmp_path, agent_factory, secret_file, mounter) -> None:
+    """s2 was down while the master wrote (the other slave s1 holds the newer generation);
+    the master crashes. On s2's host, demote (of the lost master) and promote are refused
+    (exit 3), naming the member with the newer state (a forced demote does not make the
+    promote go through). Before, both succeeded on s2 and the new master lacked fsync'ed
+    writes."""
+    from test_failover import slave_of, streaming_to
+
+    host_a, host_b = agent_factory("host-a"), agent_factory("host-b")
+    m = tmp_path / "m"
+    run_fm("create", str(m), "--size", "16M", "--secret-file", str(secret_file))
+    run_fm("add-slave", str(m), host_a.address("s1"), "--synchronized")
+    run_fm("add-slave", str(m), host_b.address("s2"), "--synchronized")
+    run_fm("activate", str(m))
+    mm = mounter(m)
+    mm.expect_errors("UNREACHABLE")
+    for h, name in ((host_a, "s1"), (host_b, "s2")):
+        wait_for(lambda: streaming_to(mm, h.address(name)), what=f"{name} streaming")
+    host_b.kill()
+    wait_for(lambda: not slave_of(mm, host_b.address("s2"))["reachable"], what="s2 down")
+    with open(mm.image, "r+b") as f:
+        f.seek(8 * MiB)
+        f.write(os.urandom(MiB))
+        f.flush()
+        os.fsync(f.fileno())
+
+    def gen(unit: Path) -> int:
+        return json.loads((unit / "mirror.json").read_text())["generation"]["counter"]
+
+    s1, s2 = host_a.root / "s1", host_b.root / "s2"
+    wait_for(lambda: gen(s1) > gen(s2), what="s1 to hold the newer generation")
+    kill9(m, mm.mnt)
+    host_b.start()
+    r = run_fm("demote", str(s2), check=False)
+    assert r.returncode == 3 and "newer state" in r.stderr, (r.returncode, r.stderr)
+    assert "s1" in r.stderr
+    # insisted on (--force), the demote goes through; the promote is still refused
+    run_fm("demote", str(s2), "--force")
+    r = run_fm("promote", str(s2), check=False)
+    assert r.returncode == 3 and "newer state" in r.stderr, (r.returncode, r.stderr)
+    db = json.loads((s2 / "mirror.json").read_text())
+    assert next(i for i in db["images"] if i["id"] == db["self"])["role"] == "slave"
