@@ -179,6 +179,10 @@ async def _rejoin(engine: Engine, paths: UnitPaths, addr: str, unit: dict[str, A
     if rec["role"] != "slave":
         raise StateError(f"{addr} holds image {rec['name']}, which this database lists as "
                          f"{rec['role']}")
+    if rec["state"] in (states.UNSYNCHRONIZED, states.SYNCHRONIZING):
+        # this master already knows it owes the unit a full sync (e.g. fsck -y rebuilt the
+        # journal meanwhile): the unit's own report cannot lower that
+        mode = "full"
     link = find_link(engine, rec["id"])
     rec.update(address=addr, name=addr)
     rec.pop("rejoin", None)

@@ -27,7 +27,7 @@ import xxhash
 from . import protocol as P, states
 from .errors import CorruptError, FusemirrorError, StateError, UsageError, errno_for
 from .image import Image, WriteBehind
-from .mirrordb import MirrorDB, atomic_write
+from .mirrordb import MirrorDB, atomic_write, relation
 from .unit import UnitLock, UnitPaths, create_slave_unit, is_unit
 
 log = logging.getLogger("fusemirror.agent")
@@ -408,17 +408,19 @@ class Session:
                                   "add it with `fusemirror add-slave`")
         opener = args.get("generation")
         if opener is not None:
-            # Before anyone is fenced: a master that this unit's database no longer names as
-            # the master (another unit promoted and pushed here meanwhile), or whose
-            # generation it has gone past or apart from, is stale; it must not cut off the
-            # session of the master that replaced it. (An UNSYNCHRONIZED unit with no other
-            # master named, e.g. one that discarded its data, may be taken by a full sync.)
+            # Before anyone is fenced: a master whose generation this unit's database has gone
+            # past (another unit promoted and pushed here meanwhile) or apart from is stale;
+            # it must not cut off the session of the master that replaced it. An opener this
+            # unit's copy descends from is not ("ahead": a new master whose promotion this
+            # slave missed, "unknown": away very long). An UNSYNCHRONIZED unit that names no
+            # other master (it discarded its data) may be taken by a full sync.
             current = MirrorDB.load(self.path)
-            named = current.master
-            if named is not None and args.get("master") not in (None, named["id"]) or \
-                    current.relation(opener) in ("ahead", "diverged") and \
-                    current.self_image["state"] != states.UNSYNCHRONIZED:
-                self._refuse_stale(current)
+            if relation(opener, current.data["generation"]) in ("behind", "diverged"):
+                named = current.master
+                discarded = current.self_image["state"] == states.UNSYNCHRONIZED and (
+                    named is None or named["id"] == args.get("master"))
+                if not discarded:
+                    self._refuse_stale(current)
         existing = self.agent.units.get(self.name)
         if existing is not None and existing.session is not None \
                 and existing.session is not self:
@@ -470,7 +472,7 @@ class Session:
         named, theirs = current.master, db.master
         discarded = current.self_image["state"] == states.UNSYNCHRONIZED and (
             named is None or theirs is not None and theirs["id"] == named["id"])
-        if rel not in ("same", "ahead") and not discarded:
+        if rel not in ("same", "ahead", "unknown") and not discarded:
             raise FusemirrorError(f"database generation {db.generation[0]} is {rel} of this "
                                   f"unit's {current.generation[0]}: refused")
         db.data["self"] = current.data["self"]

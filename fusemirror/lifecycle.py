@@ -144,14 +144,17 @@ def promote(paths: UnitPaths, *, force: bool) -> MirrorDB:
     if master is not None:
         log.warning("promote --force: demoting master %s, which cannot be asked", master["name"])
         _demote_record(master)
-    for img in db.slaves:
-        if img["id"] != me["id"] and not img.get("rejoin"):
-            # What another slave holds next to this one is unknown: writes in flight when
-            # the old master stopped, or missed while it was unreachable, differ between the
-            # two, and this unit's fracture logs know nothing of them. A full sync from here.
-            img["state"] = states.UNSYNCHRONIZED
-            img["sync_progress"] = None
-            img.pop("unreachable_since_catchup", None)
+    # A master that was lost (demoted from a slave's unit, or here with --force) could not
+    # say what each slave holds: writes in flight when it stopped, or missed while a slave
+    # was unreachable, may differ between this unit and another slave, and this unit's
+    # fracture logs know nothing of them. Every other slave gets a full sync from here. (A
+    # master that demoted itself cleanly pushed the slaves' states as they are.)
+    if master is not None or any(img.get("rejoin") for img in db.images):
+        for img in db.slaves:
+            if img["id"] != me["id"] and not img.get("rejoin"):
+                img["state"] = states.UNSYNCHRONIZED
+                img["sync_progress"] = None
+                img.pop("unreachable_since_catchup", None)
     me["role"] = "master"
     me["state"] = states.SYNCHRONIZED
     me["recovery_policy"] = "manual"
@@ -176,6 +179,10 @@ def demote(paths: UnitPaths, *, force: bool, discard: bool) -> MirrorDB:
     db = MirrorDB.load(paths.dir)
     me = db.self_image
     if me["role"] == "slave":
+        if discard:
+            raise UsageError(f"{paths.dir} holds a slave image: --discard applies to a master's "
+                             "unit (on a slave's, demote records that its lost master is "
+                             "demoted); a slave's data is replaced by a full sync anyway")
         master = db.master
         if master is None:
             raise StateError(f"mirror {db.name!r} has no master; promote a slave: "
@@ -292,6 +299,8 @@ def check_rejoin(master_db: MirrorDB, summary: dict[str, Any]) -> str:
     if summary["state"] == states.UNSYNCHRONIZED:
         return "full"
     rel = master_db.relation(summary["generation"])
+    if rel == "unknown":
+        return "full"       # older than every generation remembered: nothing owed is known
     if rel == "diverged":
         raise StateError(
             f"split brain: unit {summary['name']} changed apart from this mirror (its "

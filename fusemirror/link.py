@@ -702,6 +702,13 @@ class SlaveLink:
         rel = self.engine.db.relation(other.data["generation"])
         if rel in ("same", "ahead"):
             return
+        if rel == "unknown":
+            # away for longer than the generations remembered: what it missed is not known
+            log.warning("slave %s: its database is older than every generation this master "
+                        "remembers: full sync", self.name)
+            self.image["state"] = states.UNSYNCHRONIZED
+            self.image["sync_progress"] = None
+            return
         named = other.master
         if other.self_image["state"] == states.UNSYNCHRONIZED and \
                 (named is None or named["id"] == self.engine.db.data["self"]):

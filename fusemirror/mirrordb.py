@@ -39,8 +39,32 @@ from .sizes import parse_size
 FORMAT = "fusemirror-mirrordb"
 VERSION = 1
 # Generations remembered. A member whose generation is older than all of them cannot be
-# shown to descend from ours, and is treated as changed apart (see MirrorDB.relation).
+# shown to descend from ours: "unknown", taken back only with a full sync (see relation).
 HISTORY_KEEP = 1024
+
+
+def relation(mine: dict[str, Any], other: dict[str, Any]) -> str:
+    """How generation ``mine`` relates to ``other`` (two members' "generation" entries).
+
+    "same"; "behind" (ours is in their history: we missed changes); "ahead" (theirs is in
+    ours: they missed changes); "unknown" (theirs is older than all HISTORY_KEEP generations we
+    remember: it may descend from ours or have forked long ago — never "ahead", so such a
+    member is taken back only with a full sync); or "diverged" (neither contains the other:
+    both changed apart, e.g. a split brain).
+    """
+    a = (mine["counter"], mine["id"])
+    b = (other["counter"], other["id"])
+    if a == b:
+        return "same"
+    theirs = {tuple(x) for x in other.get("history", [])}
+    ours = {tuple(x) for x in mine.get("history", [])}
+    if a in theirs:
+        return "behind"
+    if b in ours:
+        return "ahead"
+    if ours and b[0] < min(x[0] for x in ours):
+        return "unknown"
+    return "diverged"
 
 
 def _int(lo: int | None = None) -> Callable[[str | int], int]:
@@ -338,29 +362,9 @@ class MirrorDB:
         return g["counter"], g["id"]
 
     def relation(self, other: dict[str, Any]) -> str:
-        """How this copy's generation relates to ``other`` (another member's "generation").
-
-        "same"; "behind" (ours is in their history: we missed changes); "ahead" (theirs is
-        in ours); or "diverged" (neither contains the other: both changed apart, e.g. a split
-        brain, or theirs is older than the HISTORY_KEEP generations we remember).
-        """
-        mine = self.data["generation"]
-        a = (mine["counter"], mine["id"])
-        b = (other["counter"], other["id"])
-        if a == b:
-            return "same"
-        theirs = {tuple(x) for x in other.get("history", [])}
-        ours = {tuple(x) for x in mine.get("history", [])}
-        if a in theirs:
-            return "behind"
-        if b in ours:
-            return "ahead"
-        # Theirs is in neither history. Also when it is older than everything we remember:
-        # that proves nothing about where it came from (a slave promoted apart long ago looks
-        # the same), so it is not taken as "ahead" — a member that cannot be shown to be
-        # ours is refused like a split brain, and `demote --discard` takes it back with a
-        # full sync.
-        return "diverged"
+        """How this copy's generation relates to ``other`` (another member's "generation");
+        see :func:`relation`."""
+        return relation(self.data["generation"], other)
 
     def find_image(self, name: str) -> dict[str, Any]:
         """The image called ``name`` (its name, its address, or its id)."""

@@ -45,7 +45,7 @@ async def copy_to_slave(image: Image, db: MirrorDB, slave: dict[str, Any], secre
             n.start_soon(chan.receiver)
             try:
                 await chan.request("open", mirror_id=db.mirror["id"], size=size,
-                                   generation=db.data["generation"])
+                                   generation=db.data["generation"], master=db.data["self"])
                 window: list[_Waiter] = []
                 # scattered extents: start the next reads now (a whole-image copy is
                 # sequential, the kernel's own read-ahead serves it)

@@ -284,3 +284,112 @@ def test_a_slave_that_missed_changes_cannot_take_over_while_a_newer_member_answe
     assert r.returncode == 3 and "newer state" in r.stderr, (r.returncode, r.stderr)
     db = json.loads((s2 / "mirror.json").read_text())
     assert next(i for i in db["images"] if i["id"] == db["self"])["role"] == "slave"
+
+
+def test_a_slave_down_during_the_failover_is_taken_by_the_new_master(
+        tmp_path, agent_factory, secret_file, mounter) -> None:
+    """s2's host is down while s1 takes over, so s2's copy still names the old master. When
+    it is back, the new master s1 takes it (its copy descends from s2's): s1 stays ACTIVE and
+    s2 streams after a full sync. (Refusing every master but the one s2 names sent the new
+    master to ATTENTION.)"""
+    from test_failover import streaming_to
+
+    host_a, host_b = agent_factory("host-a"), agent_factory("host-b")
+    m = tmp_path / "m"
+    run_fm("create", str(m), "--size", "16M", "--secret-file", str(secret_file))
+    run_fm("add-slave", str(m), host_a.address("s1"), "--synchronized")
+    run_fm("add-slave", str(m), host_b.address("s2"), "--synchronized")
+    run_fm("activate", str(m))
+    mm = mounter(m)
+    for h, name in ((host_a, "s1"), (host_b, "s2")):
+        wait_for(lambda: streaming_to(mm, h.address(name)), what=f"{name} streaming")
+    kill9(m, mm.mnt)
+    host_b.kill()
+    s1 = host_a.root / "s1"
+    run_fm("demote", str(s1))
+    run_fm("promote", str(s1))
+    host_b.start()
+    run_fm("activate", str(s1))
+    new = mounter(s1)
+    new.expect_errors("UNREACHABLE")
+    wait_for(lambda: streaming_to(new, host_b.address("s2")) or
+             new.status()["state"] == "ATTENTION", what="s2 taken or refused", timeout=60)
+    st = new.status()
+    assert st["state"] == "ACTIVE", st.get("attention_reason")
+    assert streaming_to(new, host_b.address("s2"))
+
+
+def test_a_slave_away_longer_than_the_remembered_history_is_fully_synced(
+        tmp_path, agent_factory, secret_file, mounter) -> None:
+    """The master made more generation changes than it remembers while its slave was away:
+    nothing proves what the slave missed, so the master mounts and takes it with a full sync
+    (not by extents, not refused as a split brain)."""
+    from fusemirror import mirrordb
+    from fusemirror.mirrordb import MirrorDB
+    from test_failover import slave_of, streaming_to
+    from test_replication import images_equal
+
+    agent = agent_factory()
+    m = tmp_path / "m"
+    run_fm("create", str(m), "--size", "16M", "--secret-file", str(secret_file))
+    run_fm("add-slave", str(m), agent.address("s1"), "--synchronized")
+    agent.kill()
+    db = MirrorDB.load(str(m))           # as many offline `set`s would
+    for _ in range(mirrordb.HISTORY_KEEP + 6):
+        db.bump_generation()
+    db.save(str(m))
+    with open(m / "image", "r+b") as f:   # and the data changed meanwhile
+        f.seek(3 * MiB)
+        f.write(os.urandom(MiB))
+    agent.start()
+    run_fm("activate", str(m))
+    mm = mounter(m)
+    wait_for(lambda: streaming_to(mm, agent.address("s1")), what="the full sync", timeout=60)
+    assert slave_of(mm, agent.address("s1"))["state"] in ("SYNCHRONIZED", "CONSISTENT")
+    assert "full sync" in (m / "daemon.log").read_text()
+    run_fm("umount", str(mm.mnt))
+    assert images_equal(m / "image", agent.root / "s1" / "image")
+
+
+def test_a_full_sync_owed_to_a_former_master_survives_its_rejoin(
+        tmp_path, agent_factory, secret_file, mounter) -> None:
+    """After a failover the new master crashes with a damaged journal; fsck -y records the
+    address-less former master as UNSYNCHRONIZED. When it rejoins it gets that full sync
+    (its own report, CONSISTENT, used to overwrite it: caught up by extents, it lacked the
+    writes the damaged journal had covered)."""
+    from fusemirror import journal
+    from test_failover import streaming_to
+    from test_replication import images_equal
+
+    host_a, host_b = agent_factory("host-a"), agent_factory("host-b")
+    a = host_a.root / "m0"
+    run_fm("create", str(a), "--size", "16M", "--secret-file", str(secret_file))
+    run_fm("add-slave", str(a), host_b.address("s1"), "--synchronized")
+    s1 = host_b.root / "s1"
+    run_fm("activate", str(a))
+    ma = mounter(a)                      # the slave then holds the master's database
+    wait_for(lambda: streaming_to(ma, host_b.address("s1")), what="streaming")
+    run_fm("umount", str(ma.mnt))
+    run_fm("demote", str(s1))
+    run_fm("promote", str(s1))
+    run_fm("activate", str(s1))
+    m = mounter(s1)
+    with open(m.image, "r+b") as f:
+        f.seek(5 * MiB)
+        f.write(os.urandom(2 * MiB))
+        f.flush()
+        os.fsync(f.fileno())
+    kill9(s1, m.mnt)
+    os.truncate(s1 / "journal", 3 * journal.SLOT + 100)
+    assert run_fsck("-y", str(s1)).returncode == 1
+    db = json.loads((s1 / "mirror.json").read_text())
+    assert next(i for i in db["images"] if i["role"] == "slave")["state"] == "UNSYNCHRONIZED"
+    run_fm("deactivate", str(a))
+    run_fm("demote", str(a))
+    m2 = mounter(s1)
+    m2.expect_errors("UNREACHABLE")
+    r = run_fm("add-slave", str(s1), host_a.address("m0"), "--json")
+    assert json.loads(r.stdout)["state"] == "rejoined: full sync", r.stdout
+    wait_for(lambda: streaming_to(m2, host_a.address("m0")), what="the rejoin", timeout=60)
+    run_fm("umount", str(m2.mnt))
+    assert images_equal(s1 / "image", a / "image")

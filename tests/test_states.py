@@ -200,10 +200,11 @@ def test_a_member_that_missed_changes_is_brought_up_to_date(tmp_path, agent_fact
 
 
 def test_generation_relation_beyond_the_remembered_history(tmp_path) -> None:
-    """A copy that forked (promoted apart) is "diverged" however many generations the other
-    side has made since; before, once the fork was older than the remembered history it read
-    "ahead" and the diverged slave was taken back by extents, its own writes kept silently.
-    A copy that is an ancestor within the history is "ahead"/"behind" as before."""
+    """A copy that forked (promoted apart) is "diverged" while the fork is within the
+    remembered history, and "unknown" — never "ahead" — once it is older than all of it, as
+    is an honest ancestor that old: such a member is taken back only with a full sync. Before,
+    past the history it read "ahead" and a diverged slave was taken back by extents, its own
+    writes kept silently. An ancestor within the history is "ahead"/"behind" as before."""
     from fusemirror import mirrordb
     from fusemirror.mirrordb import MirrorDB
     from fusemirror.unit import create_unit
@@ -221,8 +222,8 @@ def test_generation_relation_beyond_the_remembered_history(tmp_path) -> None:
         if n == 20:
             near = master.copy()
             assert master.relation(fork.data["generation"]) == "diverged"
-    assert master.relation(fork.data["generation"]) == "diverged"
     assert master.relation(near.data["generation"]) == "ahead"
     assert near.relation(master.data["generation"]) == "behind"
-    # an ancestor older than everything remembered cannot be told from a fork: refused too
-    assert master.relation(old.data["generation"]) == "diverged"
+    assert master.relation(fork.data["generation"]) == "unknown"
+    assert master.relation(old.data["generation"]) == "unknown"
+    assert fork.relation(master.data["generation"]) == "diverged"
