@@ -785,7 +785,8 @@ def promote(target: str, force: bool, secret_file: str | None, mirror: str | Non
               "(a master that crashed); given a slave's unit, demote its master even though it "
               "is still connected to this slave.")
 @click.option("--discard", is_flag=True, help="Throw this unit's data away: it rejoins with a "
-              "full sync (the way out of a split brain).")
+              "full sync (the way out of a split brain). On a slave's unit: mark it "
+              "UNSYNCHRONIZED, to be fully synced by the master that takes it.")
 @json_option
 def demote(dir: str, force: bool, discard: bool, as_json: bool) -> None:
     """Demote the master held in DIR to a slave; or, given a slave's unit directory, record that
@@ -799,10 +800,11 @@ def demote(dir: str, force: bool, discard: bool, as_json: bool) -> None:
     from . import lifecycle
 
     paths = require_unit(dir)
-    if not force:
-        _refuse_if_master_alive(paths)
     db = MirrorDB.load(paths.dir)
-    if db.self_image["role"] == "slave":
+    slave_discard = discard and db.self_image["role"] == "slave"   # its own data only: safe
+    if not force and not slave_discard:
+        _refuse_if_master_alive(paths)
+    if db.self_image["role"] == "slave" and not slave_discard:
         _check_members(paths, db, force, "demote")
     _release_from_agent(paths)
     with UnitLock(paths, "demote"):

@@ -104,6 +104,7 @@ def _demote_record(img: dict[str, Any]) -> None:
     img["role"] = "slave"
     img["state"] = states.CONSISTENT
     img["rejoin"] = True
+    img["lost"] = True          # consumed by the next promote (see there)
     img["address"] = img.get("agent_address")
     img["reachable"] = False
     img["recovery_policy"] = "auto"
@@ -144,12 +145,16 @@ def promote(paths: UnitPaths, *, force: bool) -> MirrorDB:
     if master is not None:
         log.warning("promote --force: demoting master %s, which cannot be asked", master["name"])
         _demote_record(master)
-    # A master that was lost (demoted from a slave's unit, or here with --force) could not
-    # say what each slave holds: writes in flight when it stopped, or missed while a slave
+    # A master that was lost (demoted from a slave's unit, here with --force, or demoted on
+    # its own unit after a crash, its journal not recovered) could not say what each slave
+    # holds: writes in flight when it stopped, or missed while a slave
     # was unreachable, may differ between this unit and another slave, and this unit's
     # fracture logs know nothing of them. Every other slave gets a full sync from here. (A
     # master that demoted itself cleanly pushed the slaves' states as they are.)
-    if master is not None or any(img.get("rejoin") for img in db.images):
+    lost = master is not None
+    for img in db.images:
+        lost = bool(img.pop("lost", False)) or lost
+    if lost:
         for img in db.slaves:
             if img["id"] != me["id"] and not img.get("rejoin"):
                 img["state"] = states.UNSYNCHRONIZED
@@ -161,6 +166,7 @@ def promote(paths: UnitPaths, *, force: bool) -> MirrorDB:
     me["address"] = None
     me.pop("unreachable_since_catchup", None)
     me.pop("fractured", None)
+    me.pop("rejoin", None)
     db.mirror["state"] = states.INACTIVE
     db.bump_generation()
     _reset_journal(paths, db)
@@ -180,9 +186,15 @@ def demote(paths: UnitPaths, *, force: bool, discard: bool) -> MirrorDB:
     me = db.self_image
     if me["role"] == "slave":
         if discard:
-            raise UsageError(f"{paths.dir} holds a slave image: --discard applies to a master's "
-                             "unit (on a slave's, demote records that its lost master is "
-                             "demoted); a slave's data is replaced by a full sync anyway")
+            # a slave copy that sided with the wrong side of a split brain: whichever master
+            # takes it replaces its data with a full sync (its lost master, if any, is left
+            # as recorded: demote it separately)
+            me["state"] = states.UNSYNCHRONIZED
+            me["sync_progress"] = None
+            me.pop("unreachable_since_catchup", None)
+            db.save(paths.dir)
+            log.info("%s: slave data discarded; it is taken back with a full sync", paths.dir)
+            return db
         master = db.master
         if master is None:
             raise StateError(f"mirror {db.name!r} has no master; promote a slave: "
@@ -205,8 +217,20 @@ def demote(paths: UnitPaths, *, force: bool, discard: bool) -> MirrorDB:
                                       mirror_id=bytes.fromhex(db.mirror["id"])).active
     except Exception as e:  # CorruptError, OSError: the journal cannot say
         damaged = str(e)
+    crashed = bool(divergent) or damaged is not None
     for img in db.slaves:
-        divergent |= set(_fracture_extents(paths, db, img))
+        missed = _fracture_extents(paths, db, img)
+        divergent |= set(missed)
+        if missed or img.get("unreachable_since_catchup"):
+            # what it missed is only in this unit's fracture log, cleared below: whichever
+            # unit is promoted next cannot catch it up, so it gets a full sync
+            img["state"] = states.UNSYNCHRONIZED
+            img["sync_progress"] = None
+    me["rejoin"] = True          # a former master: promote leaves it to its own rejoin list
+    if crashed:
+        # writes in flight at the crash may differ between the slaves: the next promote
+        # treats this master as lost (the other slaves get a full sync)
+        me["lost"] = True
     earlier = rejoin_info(paths.dir)     # a demote that crashed before its database was saved
     if earlier and earlier.get("image") == me["id"]:
         divergent |= set(earlier.get("extents") or [])

@@ -393,3 +393,124 @@ def test_a_full_sync_owed_to_a_former_master_survives_its_rejoin(
     wait_for(lambda: streaming_to(m2, host_a.address("m0")), what="the rejoin", timeout=60)
     run_fm("umount", str(m2.mnt))
     assert images_equal(s1 / "image", a / "image")
+
+
+def _master_with_two_slaves(tmp_path, agent_factory, secret_file, mounter):
+    from test_failover import streaming_to
+
+    host_a, host_b = agent_factory("host-a"), agent_factory("host-b")
+    m = tmp_path / "m"
+    run_fm("create", str(m), "--size", "16M", "--secret-file", str(secret_file))
+    run_fm("add-slave", str(m), host_a.address("s1"), "--synchronized")
+    run_fm("add-slave", str(m), host_b.address("s2"), "--synchronized")
+    run_fm("activate", str(m))
+    mm = mounter(m)
+    for h, name in ((host_a, "s1"), (host_b, "s2")):
+        wait_for(lambda: streaming_to(mm, h.address(name)), what=f"{name} streaming")
+    return host_a, host_b, m, mm
+
+
+def test_a_planned_switch_over_keeps_what_a_down_slave_missed(
+        tmp_path, agent_factory, secret_file, mounter) -> None:
+    """s2 is down while the master writes (its misses are in the master's fracture log for
+    it); planned switch-over: the master unmounted, demoted cleanly, s1 promoted. The demote
+    records s2 as needing a full sync (its fracture log is gone with the demote), so the new
+    master brings it level. Before, s2 streamed on, CONSISTENT, without the fsync'ed write."""
+    from test_failover import slave_of, streaming_to
+    from test_replication import images_equal
+
+    host_a, host_b, m, mm = _master_with_two_slaves(tmp_path, agent_factory, secret_file,
+                                                    mounter)
+    mm.expect_errors("UNREACHABLE")
+    host_b.kill()
+    wait_for(lambda: not slave_of(mm, host_b.address("s2"))["reachable"], what="s2 down")
+    with open(mm.image, "r+b") as f:
+        f.seek(8 * MiB)
+        f.write(os.urandom(MiB))
+        f.flush()
+        os.fsync(f.fileno())
+    run_fm("deactivate", str(m))
+    run_fm("umount", str(mm.mnt))
+    run_fm("demote", str(m))
+    s1 = host_a.root / "s1"
+    run_fm("promote", str(s1))
+    host_b.start()
+    run_fm("activate", str(s1))
+    new = mounter(s1)
+    new.expect_errors("UNREACHABLE")
+    wait_for(lambda: streaming_to(new, host_b.address("s2")), what="s2 level", timeout=60)
+    run_fm("umount", str(new.mnt))
+    assert images_equal(s1 / "image", host_b.root / "s2" / "image")
+
+
+def test_a_clean_switch_over_after_an_old_failover_rejoins_by_extents(
+        tmp_path, agent_factory, secret_file, mounter) -> None:
+    """The first master is lost for good (s1 takes over); later a planned switch-over from
+    s1 to s2. s1, demoted cleanly, rejoins by extents: the old failover's 'lost master' mark
+    was consumed by the promote it was for (it made every later promote order full syncs)."""
+    from test_failover import streaming_to
+
+    host_a, host_b, m, mm = _master_with_two_slaves(tmp_path, agent_factory, secret_file,
+                                                    mounter)
+    kill9(m, mm.mnt)
+    s1, s2 = host_a.root / "s1", host_b.root / "s2"
+    run_fm("demote", str(s1))
+    run_fm("promote", str(s1))
+    run_fm("activate", str(s1))
+    new = mounter(s1)
+    wait_for(lambda: streaming_to(new, host_b.address("s2")), what="s2 synced", timeout=60)
+    run_fm("deactivate", str(s1))
+    run_fm("umount", str(new.mnt))
+    run_fm("demote", str(s1))
+    run_fm("promote", str(s2))
+    db = json.loads((s2 / "mirror.json").read_text())
+    rec = next(i for i in db["images"] if i["name"] == host_a.address("s1"))
+    assert rec["state"] != "UNSYNCHRONIZED", rec
+    run_fm("activate", str(s2))
+    nb = mounter(s2)
+    r = run_fm("add-slave", str(s2), host_a.address("s1"), "--json")
+    assert json.loads(r.stdout)["state"] == "rejoined: extents", r.stdout
+    wait_for(lambda: streaming_to(nb, host_a.address("s1")), what="s1 rejoined", timeout=60)
+
+
+def test_a_slave_that_sided_with_the_discarded_master_can_be_discarded(
+        tmp_path, agent_factory, secret_file, mounter) -> None:
+    """Split brain: host A cut off while m writes (m's newer generation reaches s2 only); s1
+    promoted --force there; the administrator keeps s1 and discards m. s2 followed m, so the
+    kept master refuses it as a split brain and says to discard it: `demote --discard` on
+    s2's unit (a usage error before, leaving no way back short of deleting the unit) marks
+    it UNSYNCHRONIZED, and s1 mounts and takes it with a full sync."""
+    from test_failover import streaming_to
+    from test_replication import images_equal
+
+    host_a, host_b, m, mm = _master_with_two_slaves(tmp_path, agent_factory, secret_file,
+                                                    mounter)
+    host_b.expected_errors.append("refused to a master")
+    mm.expect_errors("UNREACHABLE", "split brain", "stale master", "ATTENTION")
+    s1, s2 = host_a.root / "s1", host_b.root / "s2"
+
+    def gen(unit: Path) -> int:
+        return json.loads((unit / "mirror.json").read_text())["generation"]["counter"]
+
+    host_a.kill()
+    with open(mm.image, "r+b") as f:
+        f.seek(8 * MiB)
+        f.write(os.urandom(MiB))
+        f.flush()
+        os.fsync(f.fileno())
+    wait_for(lambda: gen(s2) > gen(s1), what="s2 to hold m's newer generation")
+    run_fm("promote", str(s1), "--force")
+    host_a.start()
+    run_fm("umount", str(mm.mnt))
+    run_fm("demote", str(m), "--force", "--discard")
+    (tmp_path / "mnt-s1").mkdir()
+    r = run_fm("mount", str(s1), str(tmp_path / "mnt-s1"), check=False)
+    assert r.returncode == 3 and "--discard" in r.stderr, (r.returncode, r.stderr)
+    r = run_fm("demote", str(s2), "--discard", "--json")
+    assert json.loads(r.stdout)["role"] == "slave"
+    run_fm("activate", str(s1))
+    new = mounter(s1, mnt=tmp_path / "mnt-s1")
+    new.expect_errors("UNREACHABLE")
+    wait_for(lambda: streaming_to(new, host_b.address("s2")), what="s2 full sync", timeout=60)
+    run_fm("umount", str(new.mnt))
+    assert images_equal(s1 / "image", s2 / "image")
