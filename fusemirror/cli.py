@@ -809,7 +809,8 @@ def demote(dir: str, force: bool, discard: bool, as_json: bool) -> None:
     _release_from_agent(paths)
     with UnitLock(paths, "demote"):
         db = lifecycle.demote(paths, force=force, discard=discard)
-        res = _push(paths, db)
+        # a slave's discarded copy is its own business: not a change for the other members
+        res = {} if slave_discard else _push(paths, db)
     told = ", ".join(f"{k}: {v}" for k, v in res.items()) or "no other member reached"
     _out({"unit": paths.dir, "role": db.self_image["role"], "state": db.state,
           "generation": db.generation[0], "members": res}, as_json, f"demoted ({told})\n")

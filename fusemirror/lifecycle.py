@@ -151,12 +151,15 @@ def promote(paths: UnitPaths, *, force: bool) -> MirrorDB:
     # was unreachable, may differ between this unit and another slave, and this unit's
     # fracture logs know nothing of them. Every other slave gets a full sync from here. (A
     # master that demoted itself cleanly pushed the slaves' states as they are.)
-    lost = master is not None
-    for img in db.images:
-        lost = bool(img.pop("lost", False)) or lost
-    if lost:
+    lost_ids = {img["id"] for img in db.images if img.pop("lost", False)}
+    if master is not None:
+        lost_ids.add(master["id"])
+    if lost_ids:
         for img in db.slaves:
-            if img["id"] != me["id"] and not img.get("rejoin"):
+            # the lost master itself rejoins by its own list (rejoin.json) plus what is
+            # written from here on; every other copy, a former master not rejoined yet
+            # included, may lack what only the lost master knew
+            if img["id"] != me["id"] and img["id"] not in lost_ids:
                 img["state"] = states.UNSYNCHRONIZED
                 img["sync_progress"] = None
                 img.pop("unreachable_since_catchup", None)
@@ -192,6 +195,9 @@ def demote(paths: UnitPaths, *, force: bool, discard: bool) -> MirrorDB:
             me["state"] = states.UNSYNCHRONIZED
             me["sync_progress"] = None
             me.pop("unreachable_since_catchup", None)
+            # a generation of its own, apart from the master's: a master reconnecting at
+            # the old one would otherwise find them "same" and only catch it up
+            db.bump_generation()
             db.save(paths.dir)
             log.info("%s: slave data discarded; it is taken back with a full sync", paths.dir)
             return db
@@ -221,7 +227,7 @@ def demote(paths: UnitPaths, *, force: bool, discard: bool) -> MirrorDB:
     for img in db.slaves:
         missed = _fracture_extents(paths, db, img)
         divergent |= set(missed)
-        if missed or img.get("unreachable_since_catchup"):
+        if missed:
             # what it missed is only in this unit's fracture log, cleared below: whichever
             # unit is promoted next cannot catch it up, so it gets a full sync
             img["state"] = states.UNSYNCHRONIZED

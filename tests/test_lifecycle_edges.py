@@ -514,3 +514,96 @@ def test_a_slave_that_sided_with_the_discarded_master_can_be_discarded(
     wait_for(lambda: streaming_to(new, host_b.address("s2")), what="s2 full sync", timeout=60)
     run_fm("umount", str(new.mnt))
     assert images_equal(s1 / "image", s2 / "image")
+
+
+def test_a_former_master_not_rejoined_gets_a_full_sync_after_a_lost_master(
+        tmp_path, agent_factory, secret_file, mounter) -> None:
+    """m0 is demoted cleanly (a planned switch-over) and s1 promoted, which writes; before m0
+    rejoins, s1 is lost and s2 takes over. What m0 missed from s1 was only in s1's fracture
+    log: m0 is one of the "other" copies and rejoins with a full sync. (Skipped for being a
+    former master, it rejoined by extents and lacked s1's fsync'ed write.)"""
+    from test_failover import streaming_to
+    from test_replication import images_equal
+
+    host_a, host_b = agent_factory("host-a"), agent_factory("host-b")
+    m0 = host_a.root / "m0"
+    run_fm("create", str(m0), "--size", "16M", "--secret-file", str(secret_file))
+    run_fm("add-slave", str(m0), host_a.address("s1"), "--synchronized")
+    run_fm("add-slave", str(m0), host_b.address("s2"), "--synchronized")
+    run_fm("activate", str(m0))
+    mm = mounter(m0)
+    for h, name in ((host_a, "s1"), (host_b, "s2")):
+        wait_for(lambda: streaming_to(mm, h.address(name)), what=f"{name} streaming")
+    run_fm("deactivate", str(m0))
+    run_fm("umount", str(mm.mnt))
+    run_fm("demote", str(m0))
+    s1, s2 = host_a.root / "s1", host_b.root / "s2"
+    run_fm("promote", str(s1))
+    run_fm("activate", str(s1))
+    n1 = mounter(s1)
+    n1.expect_errors("UNREACHABLE")
+    with open(n1.image, "r+b") as f:
+        f.seek(4 * MiB)
+        f.write(os.urandom(2 * MiB))
+        f.flush()
+        os.fsync(f.fileno())
+    wait_for(lambda: streaming_to(n1, host_b.address("s2")), what="s2 has s1's write")
+    kill9(s1, n1.mnt)
+    run_fm("demote", str(s2))
+    run_fm("promote", str(s2))
+    run_fm("activate", str(s2))
+    n2 = mounter(s2)
+    n2.expect_errors("UNREACHABLE")
+    r = run_fm("add-slave", str(s2), host_a.address("m0"), "--json")
+    assert json.loads(r.stdout)["state"] == "rejoined: full sync", r.stdout
+    wait_for(lambda: streaming_to(n2, host_a.address("m0")), what="m0 rejoined", timeout=60)
+    run_fm("umount", str(n2.mnt))
+    assert images_equal(s2 / "image", m0 / "image")
+
+
+def test_discarding_a_slave_that_a_healthy_master_streams_to_means_a_full_sync(
+        tmp_path, agent_factory, secret_file, mounter) -> None:
+    """demote --discard on s1's unit while the master streams to it (s1's copy is known bad):
+    s1 gets a generation of its own, so the reconnecting master fully syncs it and the bad
+    block is repaired; the other slave is not told anything. (At the old generation the
+    master only caught s1 up and the mark was overwritten.)"""
+    from test_failover import streaming_to
+    from test_replication import images_equal
+
+    host_a, host_b, m, mm = _master_with_two_slaves(tmp_path, agent_factory, secret_file,
+                                                    mounter)
+    mm.expect_errors("UNREACHABLE")
+    s1 = host_a.root / "s1"
+    with open(s1 / "image", "r+b") as f:
+        f.seek(10 * MiB)
+        f.write(os.urandom(4096))
+    log = m / "daemon.log"
+    syncs = log.read_text().count("full sync done")
+    r = run_fm("demote", str(s1), "--discard", "--json")
+    assert json.loads(r.stdout)["members"] == {}
+    wait_for(lambda: log.read_text().count("full sync done") > syncs, what="s1's full sync",
+             timeout=60)
+    wait_for(lambda: streaming_to(mm, host_a.address("s1")), what="s1 streaming")
+    run_fm("deactivate", str(m))
+    run_fm("umount", str(mm.mnt))
+    assert images_equal(m / "image", s1 / "image")
+
+
+def test_a_slave_that_missed_nothing_keeps_its_state_through_a_clean_demote(
+        tmp_path, agent_factory, secret_file, mounter) -> None:
+    """A slave down while the mirror was INACTIVE missed nothing (empty fracture log): a
+    clean demote does not send it to a full sync."""
+    from test_failover import slave_of
+
+    host_a, host_b, m, mm = _master_with_two_slaves(tmp_path, agent_factory, secret_file,
+                                                    mounter)
+    mm.expect_errors("UNREACHABLE")
+    run_fm("deactivate", str(m))
+    host_b.kill()
+    wait_for(lambda: not slave_of(mm, host_b.address("s2"))["reachable"], what="s2 down")
+    assert slave_of(mm, host_b.address("s2"))["fracture_extents"] == 0
+    run_fm("umount", str(mm.mnt))
+    run_fm("demote", str(m))
+    db = json.loads((m / "mirror.json").read_text())
+    rec = next(i for i in db["images"] if i.get("address") == host_b.address("s2"))
+    assert rec["state"] != "UNSYNCHRONIZED", rec
