@@ -484,7 +484,14 @@ class Session:
         """Phase one of a database change: validated and stored aside, not yet current."""
         if not is_unit(self.path):
             raise FusemirrorError(f"no unit {self.name}")
-        db = self._accept_db(args["db"], MirrorDB.load(self.path))
+        current = MirrorDB.load(self.path)
+        db = self._accept_db(args["db"], current)
+        if current.self_image.get("discarded"):
+            # `demote --discard` here: a change pushed by another member does not undo it;
+            # only the master that connects, sees the mark and fully syncs the unit does
+            # (its db_write)
+            me = db.self_image
+            me.update(state=states.UNSYNCHRONIZED, sync_progress=None, discarded=True)
         atomic_write(os.path.join(self.path, "mirror.json.prepared"),
                      json.dumps(db.data).encode())
         return {"prepared": list(db.generation)}

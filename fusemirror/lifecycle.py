@@ -195,9 +195,10 @@ def demote(paths: UnitPaths, *, force: bool, discard: bool) -> MirrorDB:
             me["state"] = states.UNSYNCHRONIZED
             me["sync_progress"] = None
             me.pop("unreachable_since_catchup", None)
-            # a generation of its own, apart from the master's: a master reconnecting at
-            # the old one would otherwise find them "same" and only catch it up
-            db.bump_generation()
+            # marked, not a generation of its own (that would read as newer or apart from
+            # every other member's and block them): a master finding the mark at the same
+            # generation fully syncs it (SlaveLink._check_generation)
+            me["discarded"] = True
             db.save(paths.dir)
             log.info("%s: slave data discarded; it is taken back with a full sync", paths.dir)
             return db

@@ -701,6 +701,11 @@ class SlaveLink:
         other = MirrorDB(unit_db)
         rel = self.engine.db.relation(other.data["generation"])
         if rel in ("same", "ahead"):
+            if other.self_image.get("discarded"):
+                # `demote --discard` on the slave's unit: its copy is to be replaced
+                log.warning("slave %s: its data was discarded: full sync", self.name)
+                self.image["state"] = states.UNSYNCHRONIZED
+                self.image["sync_progress"] = None
             return
         if rel == "unknown":
             # away for longer than the generations remembered: what it missed is not known

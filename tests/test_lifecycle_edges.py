@@ -607,3 +607,36 @@ def test_a_slave_that_missed_nothing_keeps_its_state_through_a_clean_demote(
     db = json.loads((m / "mirror.json").read_text())
     rec = next(i for i in db["images"] if i.get("address") == host_b.address("s2"))
     assert rec["state"] != "UNSYNCHRONIZED", rec
+
+
+def test_a_discarded_slave_blocks_no_one_and_is_fully_synced_by_the_next_master(
+        tmp_path, agent_factory, secret_file, mounter) -> None:
+    """`demote --discard` on s1's unit while the mirror is down marks its own copy, without a
+    generation of its own: the master mounts again, a planned switch-over to s2 goes through
+    (before: "member s1 holds a newer state"), and the new master fully syncs s1 — the mark
+    survives the databases other members push meanwhile — repairing its bad block."""
+    from test_failover import streaming_to
+    from test_replication import images_equal
+
+    host_a, host_b, m, mm = _master_with_two_slaves(tmp_path, agent_factory, secret_file,
+                                                    mounter)
+    mm.expect_errors("UNREACHABLE")
+    s1, s2 = host_a.root / "s1", host_b.root / "s2"
+    run_fm("deactivate", str(m))
+    run_fm("umount", str(mm.mnt))
+    with open(s1 / "image", "r+b") as f:
+        f.seek(10 * MiB)
+        f.write(os.urandom(4096))
+    run_fm("demote", str(s1), "--discard")
+    m2 = mounter(m)                           # the master still mounts
+    run_fm("umount", str(m2.mnt))
+    run_fm("demote", str(m))
+    run_fm("promote", str(s2))                # a planned switch-over still goes through
+    run_fm("activate", str(s2))
+    new = mounter(s2)
+    new.expect_errors("UNREACHABLE")
+    wait_for(lambda: "full sync done" in (s2 / "daemon.log").read_text(),
+             what="s1's full sync", timeout=60)
+    wait_for(lambda: streaming_to(new, host_a.address("s1")), what="s1 full sync", timeout=60)
+    run_fm("umount", str(new.mnt))
+    assert images_equal(s2 / "image", s1 / "image")
