@@ -417,51 +417,19 @@ async def probe_members(db: MirrorDB, secret: bytes, unit_dir: str,
     """Before a master serves (mount) or recovers (fsck): ask each reachable slave's agent
     for its copy of the database. A slave promoted since, or changed apart, means this unit
     is a stale master or split from the mirror: refuse, saying how to rejoin."""
-    async def one(img: dict[str, Any]) -> str | None:
-        try:
-            chan = await Channel.connect(img["address"], secret, db.name, timeout=timeout)
-        except LinkDown:
-            return None
-        out: dict[str, Any] = {}
-        try:
-            async with trio.open_nursery() as n:
-                n.start_soon(chan.receiver)
-                try:
-                    with trio.fail_after(timeout):
-                        out = await chan.request("describe")
-                except (LinkDown, OSError, trio.TooSlowError):
-                    pass
-                n.cancel_scope.cancel()
-        finally:
-            await chan.aclose()
-        if not out:
-            return None
-        other = MirrorDB(out["db"])
+    for name, data in sorted((await describe_members(db, secret, timeout)).items()):
+        other = MirrorDB(data)
         rel = db.relation(other.data["generation"])
         promoted = other.self_image["role"] == "master"
         if rel == "diverged" and other.self_image["state"] != states.UNSYNCHRONIZED:
-            return (f"split brain: slave {img['name']} changed apart from this unit "
-                    f"(generations {other.generation[0]}:{other.generation[1]} and "
-                    f"{db.generation[0]}:{db.generation[1]}); keep one side and "
-                    f"`fusemirror demote DIR --discard` the other")
+            raise StateError(f"split brain: slave {name} changed apart from this unit "
+                             f"(generations {other.generation[0]}:{other.generation[1]} and "
+                             f"{db.generation[0]}:{db.generation[1]}); keep one side and "
+                             f"`fusemirror demote DIR --discard` the other")
         if promoted or rel == "behind":
-            return (f"stale master: slave {img['name']} "
-                    + ("was promoted" if promoted else "has newer mirror changes")
-                    + f" (generation {other.generation[0]}); this unit must rejoin as a slave: "
-                    f"`fusemirror demote {unit_dir}`, then `fusemirror add-slave NEWMASTER "
-                    "HOST:PORT/NAME` from the new master")
-        return None
-
-    problems: list[str] = []
-
-    async def run(img: dict[str, Any]) -> None:
-        p = await one(img)
-        if p:
-            problems.append(p)
-
-    async with trio.open_nursery() as n:
-        for img in db.slaves:
-            if img.get("address"):
-                n.start_soon(run, img)
-    if problems:
-        raise StateError(problems[0])
+            raise StateError(
+                f"stale master: slave {name} "
+                + ("was promoted" if promoted else "has newer mirror changes")
+                + f" (generation {other.generation[0]}); this unit must rejoin as a slave: "
+                f"`fusemirror demote {unit_dir}`, then `fusemirror add-slave NEWMASTER "
+                "HOST:PORT/NAME` from the new master")

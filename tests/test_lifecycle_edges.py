@@ -21,6 +21,15 @@ from conftest import FM, kill9, run_fm, run_fsck, status, wait_for
 MiB = 1 << 20
 
 
+def write_fsync(path: Path, off: int, data: bytes) -> None:
+    """Write ``data`` at ``off`` and fsync: acknowledged, it must survive what follows."""
+    with open(path, "r+b") as f:
+        f.seek(off)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def failover(tmp: Path, agent: Any, secret: Path) -> tuple[Path, Path]:
     """Master ``a`` with slave s1 on ``agent``; ``a`` lost: demote it from s1, promote s1."""
     a = tmp / "a"
@@ -154,11 +163,7 @@ def test_a_removed_slave_added_again_gets_a_full_sync(tmp_path, agent_factory, s
     run_fm("deactivate", str(a))
     run_fm("remove-slave", str(a), agent.address("s1"))
     run_fm("activate", str(a))
-    with open(m.image, "r+b") as f:
-        f.seek(5 * MiB)
-        f.write(os.urandom(MiB))
-        f.flush()
-        os.fsync(f.fileno())
+    write_fsync(m.image, 5 * MiB, os.urandom(MiB))
     r = run_fm("add-slave", str(a), agent.address("s1"), "--json")
     assert json.loads(r.stdout)["state"] == "rejoined: full sync", r.stdout
     wait_for(lambda: streaming_to(m, agent.address("s1")), what="the full sync", timeout=60)
@@ -210,30 +215,18 @@ def test_a_master_replaced_elsewhere_writes_no_more_to_the_other_slave(
     ATTENTION and its writes no longer reach s2. Before, m went on writing to s2 (fsync'ed
     writes landed on a slave of the new master) and each reconnect fenced the new master's
     session first."""
-    from test_failover import streaming_to
 
-    host_a, host_b = agent_factory("host-a"), agent_factory("host-b")
+    host_a, host_b, m, mm = _master_with_two_slaves(tmp_path, agent_factory, secret_file,
+                                                    mounter)
     host_b.expected_errors.append("refused to a master")
-    m = tmp_path / "m"
-    run_fm("create", str(m), "--size", "16M", "--secret-file", str(secret_file))
-    run_fm("add-slave", str(m), host_a.address("s1"), "--synchronized")
-    run_fm("add-slave", str(m), host_b.address("s2"), "--synchronized")
-    run_fm("activate", str(m))
-    mm = mounter(m)
     mm.expect_errors("stale master", "is now ATTENTION", "UNREACHABLE")
-    for h, name in ((host_a, "s1"), (host_b, "s2")):
-        wait_for(lambda: streaming_to(mm, h.address(name)), what=f"{name} streaming")
     host_a.kill()                                  # m cannot reach host A any more
     r = run_fm("promote", str(host_a.root / "s1"), "--force", "--json")
     assert json.loads(r.stdout)["members"].get(host_b.address("s2")) == "ok", r.stdout
     wait_for(lambda: mm.status()["state"] == "ATTENTION", what="m to stop", timeout=30)
     data = os.urandom(4096)
     try:
-        with open(mm.image, "r+b") as f:
-            f.seek(9 * MiB)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write_fsync(mm.image, 9 * MiB, data)
     except OSError:
         pass
     with open(host_b.root / "s2" / "image", "rb") as f:
@@ -248,25 +241,14 @@ def test_a_slave_that_missed_changes_cannot_take_over_while_a_newer_member_answe
     (exit 3), naming the member with the newer state (a forced demote does not make the
     promote go through). Before, both succeeded on s2 and the new master lacked fsync'ed
     writes."""
-    from test_failover import slave_of, streaming_to
+    from test_failover import slave_of
 
-    host_a, host_b = agent_factory("host-a"), agent_factory("host-b")
-    m = tmp_path / "m"
-    run_fm("create", str(m), "--size", "16M", "--secret-file", str(secret_file))
-    run_fm("add-slave", str(m), host_a.address("s1"), "--synchronized")
-    run_fm("add-slave", str(m), host_b.address("s2"), "--synchronized")
-    run_fm("activate", str(m))
-    mm = mounter(m)
+    host_a, host_b, m, mm = _master_with_two_slaves(tmp_path, agent_factory, secret_file,
+                                                    mounter)
     mm.expect_errors("UNREACHABLE")
-    for h, name in ((host_a, "s1"), (host_b, "s2")):
-        wait_for(lambda: streaming_to(mm, h.address(name)), what=f"{name} streaming")
     host_b.kill()
     wait_for(lambda: not slave_of(mm, host_b.address("s2"))["reachable"], what="s2 down")
-    with open(mm.image, "r+b") as f:
-        f.seek(8 * MiB)
-        f.write(os.urandom(MiB))
-        f.flush()
-        os.fsync(f.fileno())
+    write_fsync(mm.image, 8 * MiB, os.urandom(MiB))
 
     def gen(unit: Path) -> int:
         return json.loads((unit / "mirror.json").read_text())["generation"]["counter"]
@@ -294,15 +276,8 @@ def test_a_slave_down_during_the_failover_is_taken_by_the_new_master(
     master to ATTENTION.)"""
     from test_failover import streaming_to
 
-    host_a, host_b = agent_factory("host-a"), agent_factory("host-b")
-    m = tmp_path / "m"
-    run_fm("create", str(m), "--size", "16M", "--secret-file", str(secret_file))
-    run_fm("add-slave", str(m), host_a.address("s1"), "--synchronized")
-    run_fm("add-slave", str(m), host_b.address("s2"), "--synchronized")
-    run_fm("activate", str(m))
-    mm = mounter(m)
-    for h, name in ((host_a, "s1"), (host_b, "s2")):
-        wait_for(lambda: streaming_to(mm, h.address(name)), what=f"{name} streaming")
+    host_a, host_b, m, mm = _master_with_two_slaves(tmp_path, agent_factory, secret_file,
+                                                    mounter)
     kill9(m, mm.mnt)
     host_b.kill()
     s1 = host_a.root / "s1"
@@ -374,11 +349,7 @@ def test_a_full_sync_owed_to_a_former_master_survives_its_rejoin(
     run_fm("promote", str(s1))
     run_fm("activate", str(s1))
     m = mounter(s1)
-    with open(m.image, "r+b") as f:
-        f.seek(5 * MiB)
-        f.write(os.urandom(2 * MiB))
-        f.flush()
-        os.fsync(f.fileno())
+    write_fsync(m.image, 5 * MiB, os.urandom(2 * MiB))
     kill9(s1, m.mnt)
     os.truncate(s1 / "journal", 3 * journal.SLOT + 100)
     assert run_fsck("-y", str(s1)).returncode == 1
@@ -424,11 +395,7 @@ def test_a_planned_switch_over_keeps_what_a_down_slave_missed(
     mm.expect_errors("UNREACHABLE")
     host_b.kill()
     wait_for(lambda: not slave_of(mm, host_b.address("s2"))["reachable"], what="s2 down")
-    with open(mm.image, "r+b") as f:
-        f.seek(8 * MiB)
-        f.write(os.urandom(MiB))
-        f.flush()
-        os.fsync(f.fileno())
+    write_fsync(mm.image, 8 * MiB, os.urandom(MiB))
     run_fm("deactivate", str(m))
     run_fm("umount", str(mm.mnt))
     run_fm("demote", str(m))
@@ -493,11 +460,7 @@ def test_a_slave_that_sided_with_the_discarded_master_can_be_discarded(
         return json.loads((unit / "mirror.json").read_text())["generation"]["counter"]
 
     host_a.kill()
-    with open(mm.image, "r+b") as f:
-        f.seek(8 * MiB)
-        f.write(os.urandom(MiB))
-        f.flush()
-        os.fsync(f.fileno())
+    write_fsync(mm.image, 8 * MiB, os.urandom(MiB))
     wait_for(lambda: gen(s2) > gen(s1), what="s2 to hold m's newer generation")
     run_fm("promote", str(s1), "--force")
     host_a.start()
@@ -542,11 +505,7 @@ def test_a_former_master_not_rejoined_gets_a_full_sync_after_a_lost_master(
     run_fm("activate", str(s1))
     n1 = mounter(s1)
     n1.expect_errors("UNREACHABLE")
-    with open(n1.image, "r+b") as f:
-        f.seek(4 * MiB)
-        f.write(os.urandom(2 * MiB))
-        f.flush()
-        os.fsync(f.fileno())
+    write_fsync(n1.image, 4 * MiB, os.urandom(2 * MiB))
     wait_for(lambda: streaming_to(n1, host_b.address("s2")), what="s2 has s1's write")
     kill9(s1, n1.mnt)
     run_fm("demote", str(s2))
